@@ -1,0 +1,66 @@
+"""The `geochat` command line: a thin dispatcher over command modules in `geochat.commands`.
+
+Every command registers its own sub-parser; this module only parses, dispatches, and turns
+`GeoChatError` (and a few OS errors) into one line on stderr with exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from geochat.errors import GeoChatError
+
+# Each module defines `register(subparsers)`, which adds its sub-command and sets `func`.
+COMMAND_MODULES = ("geochat.commands.ask",)
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geochat", description="Chat about remote-sensing imagery: grounded boxes, map coordinates, cited sources."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except GeoChatError as exc:
+        print(f"geochat: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"geochat: error: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger().setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""`geochat ask IMAGE "question"`: one question about one image, printed readably or as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from geochat.errors import GeoChatError
+from geochat.prompting import Task
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ask", help="ask one question about an image (or, with --no-image, a text-only question)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE QUESTION", help="image path then question (question only with --no-image)")
+    p.add_argument("--task", choices=[t.value for t in Task], default=None,
+                   help="refer: locate the phrase; grounding: describe with boxes; identify: describe --region")
+    p.add_argument("--region", type=_floats, help="pixel box x1,y1,x2,y2[,theta] for --task identify")
+    p.add_argument("--cot", action="store_true", help="chain-of-thought: reasoning returned apart from the answer")
+    p.add_argument("--bands", type=_ints, help="1-based bands for the RGB view, e.g. 4,3,2")
+    p.add_argument("--sensor", help="sensor preset for band roles: sentinel2, landsat8, naip, ...")
+    p.add_argument("--labels", help="comma-separated options for --task classify")
+    p.add_argument("--model", default=None, help="assistant directory or name (default: the offline default)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--no-image", action="store_true", help="a text-only question")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", type=Path, help="where to save the image with boxes drawn (default: IMAGE_boxes.png)")
+    p.set_defaults(func=run)
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 4,3,2, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 10,20,110,90, got {text!r}") from None
+    if len(values) not in (4, 5):
+        raise argparse.ArgumentTypeError("a region is x1,y1,x2,y2 or x1,y1,x2,y2,theta")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.no_image:
+        if len(args.inputs) != 1:
+            raise GeoChatError("with --no-image pass only the question")
+        image_path, question = None, args.inputs[0]
+    else:
+        if len(args.inputs) != 2:
+            raise GeoChatError('pass an image and a question: geochat ask IMAGE "question" (or --no-image "question")')
+        image_path, question = Path(args.inputs[0]), args.inputs[1]
+        if not image_path.exists():
+            raise GeoChatError(f"image not found: {image_path}")
+
+    from geochat.engine import GeoChat
+    from geochat.imagery import load_image
+
+    loaded = load_image(image_path, bands=args.bands, sensor=args.sensor) if image_path else None
+    gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
+    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    answer = gc.chat(loaded, question, task=args.task, cot=args.cot, region=args.region, labels=labels)
+
+    if args.json:
+        print(json.dumps(answer.to_json(), ensure_ascii=False))
+        return 0
+    if answer.reasoning:
+        print(f"Reasoning: {answer.reasoning}\n")
+    print(answer.answer or "(no answer text)")
+    for box in answer.boxes:
+        print(f"  box {box.phrase or '-'}: pixels {[round(v, 1) for v in box.pixel]}")
+    if answer.boxes and loaded is not None and image_path is not None:
+        from geochat.drawing import draw_boxes
+        from geochat.grounding import box_to_pixel_polygon, pixel_box_to_grid
+
+        w, h = loaded.info.width, loaded.info.height
+        polygons = [box_to_pixel_polygon(pixel_box_to_grid(*b.pixel[:4], w, h, b.pixel[4]), w, h) for b in answer.boxes]
+        out = args.out or Path(f"{image_path.stem}_boxes.png")
+        draw_boxes(loaded.rgb, polygons, [b.phrase for b in answer.boxes], scale=loaded.scale).save(out)
+        print(f"boxes drawn on {out}", file=sys.stderr)
+    print(f"[{answer.model.name}; {answer.timings.total_s:.1f} s]", file=sys.stderr)
+    return 0

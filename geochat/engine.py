@@ -1,0 +1,339 @@
+"""The engine: one `GeoChat` object behind the CLI, the app and the HTTP API.
+
+A turn is a recipe:
+
+    load the image (imagery) ─► encode it once per image (tower + projector, cached per session)
+    ─► build the user message (task token, facts, passages) ─► chat template ─► generate, reusing the
+    KV cache of the longest prefix already computed ─► split reasoning/answer ─► parse boxes ─►
+    map boxes from the padded square to raster pixels to EPSG:4326 ─► `Answer`
+
+Multi-turn reuse: each image gets a session holding its projected image tokens and the KV cache of
+the last conversation about it. A later turn's token ids share a prefix with what is cached (system
+prompt, image tokens, earlier turns); the cache is cropped to that common prefix and only the new
+tokens are run through the model. Passing earlier turns back verbatim (`Answer.as_turn()`) keeps
+the shared prefix whole. The image tokens sit in the first user turn, so they are always in the
+cached prefix after turn one; a prefix shorter than them falls back to a fresh cache.
+
+Generation is serialised by one lock: a CPU runs one forward pass at a time well, and several users
+queue instead of trampling each other's caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from queue import Queue
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache, TextStreamer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from geochat.answer import Answer, BoxResult, ModelInfo, Timings, Turn
+from geochat.errors import GeoChatError
+from geochat.grounding import Box, box_to_pixel_polygon, grid_to_pixel, parse_boxes, pixel_box_to_grid, strip_grounding
+from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson
+from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
+from geochat.model.config import AssistantConfig, offline_default_config
+from geochat.model.processor import to_pixel_values
+from geochat.prompting import SYSTEM_PROMPT, Passage, Task, build_user_message, split_reasoning
+
+ImageInput = str | Path | bytes | np.ndarray | LoadedImage | Any  # Any: PIL.Image.Image
+TextCallback = Callable[[str], None]
+
+DEFAULT_MAX_NEW_TOKENS = 256
+MAX_SESSIONS = 8  # images whose encodings and KV caches are kept (LRU)
+TRAINED_DEFAULT_DIR = Path(__file__).resolve().parent.parent / "adapters" / "geochat-mini"
+
+
+@dataclass
+class _Session:
+    """What is cached about one image: its projected tokens and the KV cache of the last conversation."""
+
+    image_features: torch.Tensor  # (1, N, H)
+    cache: DynamicCache | None = None
+    cached_ids: list[int] | None = None  # the token ids whose keys/values `cache` holds
+    last_reused: int = 0  # prompt tokens the last turn took from the cache instead of recomputing
+
+
+class _TimedStreamer(TextStreamer):
+    """Records when the first new token arrives and forwards finished text pieces to a callback."""
+
+    def __init__(self, tokenizer: Any, on_text: TextCallback | None) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.on_text = on_text
+        self.first_token_at: float | None = None
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self._prompt_seen = True
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text and self.on_text is not None:
+            self.on_text(text)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class AnswerStream:
+    """Iterate for text pieces as they are generated; `.answer` holds the full `Answer` afterwards."""
+
+    def __init__(self, run: Callable[[TextCallback], Answer]) -> None:
+        self._run = run
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        queue: Queue[tuple[str, Any]] = Queue()
+
+        def worker() -> None:
+            try:
+                queue.put(("done", self._run(lambda piece: queue.put(("text", piece)))))
+            except BaseException as exc:  # handed to the consumer thread, re-raised there
+                queue.put(("error", exc))
+
+        threading.Thread(target=worker, daemon=True).start()
+        while True:
+            kind, value = queue.get()
+            if kind == "text":
+                yield value
+            elif kind == "done":
+                self.answer = value
+                return
+            else:
+                raise value
+
+
+class GeoChat:
+    """Chat about remote-sensing images. Thread-safe; one instance serves many users."""
+
+    def __init__(self, assistant: Assistant, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+        self.assistant = assistant
+        self.max_new_tokens = max_new_tokens
+        self.retriever: Any | None = None  # set by the retrieval layer: .search(query, k) -> list[Passage]
+        self._lock = threading.RLock()
+        self._sessions: OrderedDict[str, _Session] = OrderedDict()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path | None = None, **kwargs: Any) -> GeoChat:
+        """Load an assistant directory, or the offline default when `name_or_path` is None/"default".
+
+        The default is the trained `adapters/geochat-mini` when it ships, else the assistant
+        assembled from the shipped packages with an untrained projector (its name says so).
+        """
+        if name_or_path is None or str(name_or_path) == "default":
+            if (TRAINED_DEFAULT_DIR / "geochat_config.json").is_file():
+                return cls(load_assistant(TRAINED_DEFAULT_DIR), **kwargs)
+            return cls(build_assistant(offline_default_config()), **kwargs)
+        return cls(load_assistant(name_or_path), **kwargs)
+
+    @classmethod
+    def from_config(cls, config: AssistantConfig, **kwargs: Any) -> GeoChat:
+        return cls(build_assistant(config), **kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        return save_assistant(self.assistant, Path(directory))
+
+    @property
+    def model_info(self) -> ModelInfo:
+        cfg = self.assistant.config
+        name = cfg.name if cfg.projector_trained else f"{cfg.name} (projector untrained)"
+        return ModelInfo(name=name, vision=cfg.vision["model_type"], llm=cfg.llm)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def chat(
+        self,
+        image: ImageInput | None,
+        message: str,
+        history: Sequence[Turn | tuple[str, str]] | None = None,
+        task: Task | str | None = None,
+        cot: bool = False,
+        region: Sequence[float] | None = None,
+        bands: Sequence[int] | str | None = None,
+        sensor: str | None = None,
+        labels: Sequence[str] | None = None,
+        passages: Sequence[Passage] | None = None,
+        max_new_tokens: int | None = None,
+        on_text: TextCallback | None = None,
+    ) -> Answer:
+        """Answer `message` about `image` (None for a text-only question).
+
+        `region` is a pixel box (x1, y1, x2, y2[, θ]) in the original raster for `[identify]`;
+        `history` holds earlier turns (`Answer.as_turn()`); `on_text` receives text as it streams.
+        """
+        start = time.perf_counter()
+        task = Task(task) if task is not None else Task.CHAT
+        loaded = self._load(image, bands, sensor)
+        region_box = self._region_box(region, loaded) if region is not None else None
+        if task is Task.IDENTIFY and region_box is None:
+            raise GeoChatError("the identify task needs a region: pass --region x1,y1,x2,y2 (pixels)")
+        if passages is None and self.retriever is not None:
+            passages = self.retriever.search(message)
+        facts = loaded.facts if loaded is not None else {}
+        turns = [t if isinstance(t, Turn) else Turn(*t) for t in (history or ())]
+        try:
+            user = build_user_message(
+                message, task=task, region=region_box, facts=facts if not turns else None,
+                passages=passages or (), cot=cot, labels=labels,
+            )
+        except ValueError as exc:  # e.g. [refer] without a phrase
+            raise GeoChatError(str(exc)) from exc
+        with self._lock:
+            encode_s, session = self._session(loaded)
+            ids = self._prompt_ids(turns, user, with_image=loaded is not None)
+            streamer = _TimedStreamer(self.assistant.tokenizer, on_text)
+            gen_start = time.perf_counter()
+            raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer)
+        ttft = (streamer.first_token_at or time.perf_counter()) - gen_start + encode_s
+        reasoning, final = split_reasoning(raw) if cot else (None, raw)
+        boxes = parse_boxes(raw)
+        box_results, geojson = self._georeference(boxes, loaded)
+        return Answer(
+            answer=strip_grounding(final),
+            reasoning=strip_grounding(reasoning) if reasoning else None,
+            task=task.value,
+            boxes=box_results,
+            geojson=geojson,
+            facts=facts,
+            sources=[_source_json(p) for p in passages or ()],
+            model=self.model_info,
+            timings=Timings(encode_s=round(encode_s, 4), ttft_s=round(ttft, 4),
+                            total_s=round(time.perf_counter() - start, 4)),
+            prompt=user,
+            raw=raw,
+        )
+
+    def stream(self, image: ImageInput | None, message: str, **kwargs: Any) -> AnswerStream:
+        """Like `chat`, but iterate over the result for text pieces; `.answer` is set at the end."""
+        return AnswerStream(lambda on_text: self.chat(image, message, on_text=on_text, **kwargs))
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _load(self, image: ImageInput | None, bands: Any, sensor: str | None) -> LoadedImage | None:
+        if image is None or isinstance(image, LoadedImage):
+            return image
+        return load_image(image, bands=bands, sensor=sensor)
+
+    def _region_box(self, region: Sequence[float], loaded: LoadedImage | None) -> Box:
+        if loaded is None:
+            raise GeoChatError("a region needs an image")
+        if len(region) not in (4, 5):
+            raise GeoChatError("a region is x1,y1,x2,y2 or x1,y1,x2,y2,theta in pixels")
+        x1, y1, x2, y2 = region[:4]
+        w, h = loaded.info.width, loaded.info.height
+        if not (0 <= min(x1, x2) and max(x1, x2) <= w and 0 <= min(y1, y2) and max(y1, y2) <= h):
+            raise GeoChatError(f"region {list(region)} lies outside the image ({w}×{h} pixels)")
+        theta = region[4] if len(region) == 5 else 0.0
+        return pixel_box_to_grid(x1, y1, x2, y2, w, h, theta)
+
+    def _session(self, loaded: LoadedImage | None) -> tuple[float, _Session]:
+        """The session of this image (text-only questions share one), encoding the image once."""
+        if loaded is None:
+            key = "text-only"
+        else:
+            key = hashlib.sha1(loaded.rgb.tobytes() + str(loaded.rgb.shape).encode()).hexdigest()
+        if key in self._sessions:
+            self._sessions.move_to_end(key)
+            return 0.0, self._sessions[key]
+        t = time.perf_counter()
+        a = self.assistant
+        if loaded is None:
+            features = torch.zeros(1, 0, 0)
+        else:
+            pixels = to_pixel_values(loaded.rgb, a.image_size, a.config.image_mean, a.config.image_std)
+            features = a.encode_images(pixels)
+        session = _Session(image_features=features)
+        self._sessions[key] = session
+        while len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return time.perf_counter() - t, session
+
+    def _prompt_ids(self, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
+        a = self.assistant
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+        image_prefix = a.config.image_token * a.num_image_tokens + "\n" if with_image else ""
+        for i, turn in enumerate(turns):
+            messages.append({"role": "user", "content": (image_prefix if i == 0 else "") + turn.user})
+            messages.append({"role": "assistant", "content": turn.assistant})
+        messages.append({"role": "user", "content": (image_prefix if not turns else "") + user})
+        encoded = a.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        ids = list(ids)
+        if with_image and ids.count(a.image_token_id) != a.num_image_tokens:
+            raise GeoChatError(
+                f"prompt holds {ids.count(a.image_token_id)} image tokens, the tower gives {a.num_image_tokens}"
+            )
+        return ids
+
+    def _generate(self, session: _Session, ids: list[int], max_new_tokens: int, streamer: _TimedStreamer) -> str:
+        a = self.assistant
+        input_ids = torch.tensor([ids])
+        image_end = (max(i for i, t in enumerate(ids) if t == a.image_token_id) + 1) if session.image_features.numel() else 0
+        reuse = 0
+        if session.cache is not None and session.cached_ids is not None:
+            reuse = min(_common_prefix(session.cached_ids, ids), len(ids) - 1)
+        kwargs: dict[str, Any] = {}
+        session.last_reused = reuse if reuse > image_end else 0
+        if reuse > image_end and session.cache is not None:
+            cache = session.cache
+            if cache.get_seq_length() > reuse:
+                cache.crop(reuse - cache.get_seq_length())
+        else:
+            cache = DynamicCache(config=a.model.config.text_config)
+            if image_end:
+                kwargs["mm_encoder_outputs"] = {
+                    "image": BaseModelOutputWithPooling(pooler_output=list(session.image_features))
+                }
+        out = a.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            cache=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            streamer=streamer,
+            suppress_tokens=[a.image_token_id],
+            pad_token_id=a.tokenizer.pad_token_id if a.tokenizer.pad_token_id is not None else a.tokenizer.eos_token_id,
+            **kwargs,
+        )
+        sequence = out[0].tolist()
+        session.cache = cache
+        session.cached_ids = sequence[: cache.get_seq_length()]
+        return a.tokenizer.decode(sequence[len(ids):], skip_special_tokens=True).strip()
+
+    def _georeference(
+        self, boxes: Sequence[Box], loaded: LoadedImage | None
+    ) -> tuple[list[BoxResult], dict[str, Any] | None]:
+        if not boxes or loaded is None:
+            return [], None
+        info = loaded.info
+        w, h = info.width, info.height
+        polygons = [box_to_pixel_polygon(b, w, h) for b in boxes]
+        results = []
+        for box, polygon in zip(boxes, polygons):
+            (x1, y1), (x2, y2) = grid_to_pixel([(box.x1, box.y1), (box.x2, box.y2)], w, h)
+            lonlat = pixel_to_lonlat(info, polygon)
+            ring = [*lonlat, lonlat[0]] if lonlat is not None else None
+            results.append(BoxResult(box.phrase, (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta), ring))
+        properties = [{"phrase": b.phrase, "pixel": list(r.pixel)} for b, r in zip(boxes, results)]
+        return results, polygons_to_geojson(polygons, info, properties)
+
+
+def _source_json(p: Passage) -> dict[str, Any]:
+    return {"id": p.id, "source": p.source, "heading": p.heading, "text": p.text, "score": p.score}

@@ -1,0 +1,198 @@
+"""Pixel <-> map coordinates, lon/lat, ground sample distance, and GeoJSON output.
+
+Pixel coordinates here are (col, row) in the ORIGINAL raster's pixel grid with the corner convention
+of GDAL and rasterio: (0, 0) is the top-left corner of the top-left pixel, (0.5, 0.5) its centre and
+(width, height) the bottom-right corner of the raster. The affine geotransform (a, b, c, d, e, f) maps
+them to the raster's CRS:
+
+    x = a * col + b * row + c
+    y = d * col + e * row + f
+
+(b and d are non-zero for rotated grids, e.g. SAR slant geometry; e < 0 for north-up images.)
+Reprojection to lon/lat goes through `rasterio.warp.transform` (PROJ), which returns longitude first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import CRSError
+from rasterio.warp import transform as warp_transform
+from rasterio.warp import transform_bounds
+
+from geochat.errors import ImageryError
+
+if TYPE_CHECKING:
+    from geochat.imagery.raster import RasterInfo
+
+Transform6 = tuple[float, float, float, float, float, float]
+Point = tuple[float, float]
+
+# CRSs whose nominal pixel size is true only at the equator (scale factor 1 / cos(latitude)).
+_MERCATOR_EPSG = (3857, 3395, 900913)
+
+
+def crs_to_string(crs: CRS | None) -> str | None:
+    """"EPSG:nnnn" when the CRS has an EPSG code, else its WKT; None for no CRS."""
+    if crs is None or not crs.to_wkt():
+        return None
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_wkt()
+
+
+def _affine(transform: Transform6) -> Affine:
+    return Affine(*transform)
+
+
+def _corners(transform: Transform6, width: int, height: int) -> list[Point]:
+    aff = _affine(transform)
+    return [aff * (0, 0), aff * (width, 0), aff * (width, height), aff * (0, height)]
+
+
+def lonlat_bounds(crs: str | None, transform: Transform6 | None, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """(west, south, east, north) in EPSG:4326 of the raster footprint, or None without a CRS."""
+    if crs is None or transform is None:
+        return None
+    xs, ys = zip(*_corners(transform, width, height), strict=True)
+    try:
+        w, s, e, n = transform_bounds(CRS.from_user_input(crs), "EPSG:4326", min(xs), min(ys), max(xs), max(ys),
+                                      densify_pts=21)
+    except (CRSError, ValueError) as exc:
+        raise ImageryError(f"cannot convert the raster's footprint to lon/lat: {exc}") from exc
+    return (float(w), float(s), float(e), float(n))
+
+
+def _metres_per_degree(lat_deg: float) -> tuple[float, float]:
+    """(metres per degree of longitude, of latitude) on the WGS 84 ellipsoid at `lat_deg`.
+
+    Series expansion of the ellipsoid's radii of curvature (accurate to ~1 cm).
+    """
+    phi = math.radians(lat_deg)
+    m_lat = 111132.954 - 559.822 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)
+    m_lon = 111412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi) + 0.118 * math.cos(5 * phi)
+    return m_lon, m_lat
+
+
+def ground_sample_distance(crs: str | None, transform: Transform6 | None, width: int, height: int) -> float | None:
+    """Mean pixel size in metres, or None without a CRS.
+
+    Projected CRSs: the pixel size in the CRS's linear unit times the unit's size in metres (the
+    nominal GSD that products advertise), corrected by cos(latitude) for Mercator grids such as
+    EPSG:3857 whose units are true only at the equator. Geographic CRSs: degrees converted to metres
+    at the raster's centre latitude.
+    """
+    if crs is None or transform is None:
+        return None
+    a, b, _, d, e, _ = transform
+    px = math.hypot(a, d)    # length of one column step
+    py = math.hypot(b, e)    # length of one row step
+    crs_obj = CRS.from_user_input(crs)
+    centre = pixel_to_lonlat_raw(crs, transform, [(width / 2, height / 2)])[0]
+    if crs_obj.is_geographic:
+        m_lon, m_lat = _metres_per_degree(centre[1])
+        return (px * m_lon + py * m_lat) / 2
+    try:
+        _, factor = crs_obj.linear_units_factor
+    except CRSError:
+        factor = 1.0
+    gsd = (px + py) / 2 * factor
+    if crs_obj.to_epsg() in _MERCATOR_EPSG:
+        gsd *= math.cos(math.radians(centre[1]))
+    return gsd
+
+
+def _require_transform(info: RasterInfo) -> Transform6:
+    if info.transform is None:
+        raise ImageryError("the raster has no geotransform, so pixels have no map coordinates")
+    return info.transform
+
+
+def pixel_to_map(info: RasterInfo, points: Sequence[Point]) -> list[Point]:
+    """(col, row) in original raster pixels -> (x, y) in the raster's CRS via the affine transform."""
+    aff = _affine(_require_transform(info))
+    return [tuple(aff * (float(c), float(r))) for c, r in points]  # type: ignore[misc]
+
+
+def map_to_pixel(info: RasterInfo, points: Sequence[Point]) -> list[Point]:
+    """(x, y) in the raster's CRS -> (col, row) in original raster pixels (inverse affine)."""
+    inv = ~_affine(_require_transform(info))
+    return [tuple(inv * (float(x), float(y))) for x, y in points]  # type: ignore[misc]
+
+
+def pixel_to_lonlat_raw(crs: str, transform: Transform6, points: Sequence[Point]) -> list[Point]:
+    """(col, row) -> (lon, lat) for a CRS string and affine transform."""
+    aff = _affine(transform)
+    xy = [aff * (float(c), float(r)) for c, r in points]
+    return _reproject(crs, "EPSG:4326", xy)
+
+
+def _reproject(src: str, dst: str, xy: Sequence[Point]) -> list[Point]:
+    if not xy:
+        return []
+    if src == dst:
+        return [(float(x), float(y)) for x, y in xy]
+    xs, ys = zip(*xy, strict=True)
+    try:
+        out_x, out_y = warp_transform(CRS.from_user_input(src), CRS.from_user_input(dst), list(xs), list(ys))
+    except (CRSError, ValueError) as exc:
+        raise ImageryError(f"cannot reproject from {src[:60]} to {dst[:60]}: {exc}") from exc
+    return [(float(x), float(y)) for x, y in zip(out_x, out_y, strict=True)]
+
+
+def pixel_to_lonlat(info: RasterInfo, points: Sequence[Point]) -> list[Point] | None:
+    """(col, row) in original raster pixels -> (lon, lat) in EPSG:4326; None when not georeferenced."""
+    if info.crs is None or info.transform is None:
+        return None
+    return pixel_to_lonlat_raw(info.crs, info.transform, points)
+
+
+def _close_ring(ring: list[Point]) -> list[Point]:
+    if ring and ring[0] != ring[-1]:
+        ring = [*ring, ring[0]]
+    return ring
+
+
+def _signed_area(ring: Sequence[Point]) -> float:
+    return sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:], strict=False)) / 2
+
+
+def polygons_to_geojson(polygons: Sequence[Sequence[Point]], info: RasterInfo, properties: Sequence[dict[str, Any]],
+                        crs: str = "EPSG:4326") -> dict[str, Any] | None:
+    """A GeoJSON FeatureCollection with one Polygon Feature per polygon; None when not georeferenced.
+
+    `polygons` are rings of (col, row) in original raster pixels (a box is its four corners).
+    Coordinates are lon/lat (EPSG:4326, RFC 7946) by default; `crs="native"` or any CRS string writes
+    them in that CRS and adds a "crs" member naming it (the pre-RFC 7946 convention that GDAL/QGIS
+    read). Rings are closed and wound counter-clockwise (RFC 7946's right-hand rule).
+    """
+    if len(polygons) != len(properties):
+        raise ValueError(f"{len(polygons)} polygons but {len(properties)} property dicts")
+    if info.crs is None or info.transform is None:
+        return None
+    target = info.crs if crs.lower() == "native" else crs
+    if target != "EPSG:4326":
+        target = crs_to_string(CRS.from_user_input(target)) or target
+    features: list[dict[str, Any]] = []
+    for poly, props in zip(polygons, properties, strict=True):
+        if len(poly) < 3:
+            raise ValueError(f"a polygon needs at least 3 points, got {len(poly)}")
+        # Close the ring in pixel space so that first and last points reproject identically.
+        ring_px = _close_ring([(float(c), float(r)) for c, r in poly])
+        ring = _reproject(info.crs, target, pixel_to_map(info, ring_px))
+        if _signed_area(ring) < 0:
+            ring = ring[::-1]
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[[x, y] for x, y in ring]]},
+            "properties": dict(props),
+        })
+    collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    if target != "EPSG:4326":
+        epsg = CRS.from_user_input(target).to_epsg()
+        name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else target
+        collection["crs"] = {"type": "name", "properties": {"name": name}}
+    return collection

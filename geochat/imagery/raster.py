@@ -1,0 +1,440 @@
+"""Read any raster into an 8-bit RGB view, a validity mask and JSON facts, never whole when large.
+
+Everything goes through rasterio/GDAL: GeoTIFF/COG of any dtype and band count (complex SAR becomes
+amplitude), PNG/JPEG, encoded bytes (via an in-memory file) and in-memory PIL images or numpy arrays
+(written to an in-memory GeoTIFF so that one code path serves all sources).
+
+Memory stays O(max_size^2 * bands): `load_image` asks GDAL for a decimated read (`out_shape`), which
+uses overviews when the file has them, of only the bands it needs (the RGB bands plus those the
+spectral indices need), and it caps GDAL's block cache (GDAL_CACHEMAX) for the read, since without
+overviews GDAL decodes every block once and would otherwise keep up to 5 % of RAM of them cached.
+`read_window` reads one window at full or chosen resolution for tiled work.
+
+Every failure a user can fix (missing file, not a raster, truncated data, bad bands, too large)
+raises `ImageryError` or `BandSelectionError` with a message saying what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import rasterio
+from PIL import Image
+from rasterio._err import CPLE_BaseError
+from rasterio.crs import CRS
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.env import get_gdal_config, hasenv, set_gdal_config
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import DatasetReader, MemoryFile
+from rasterio.transform import from_gcps
+from rasterio.windows import Window
+
+from geochat.errors import ImageryError
+from geochat.imagery.bands import INDEX_ROLES, BandSelection, select_bands
+from geochat.imagery.geo import crs_to_string, ground_sample_distance, lonlat_bounds
+from geochat.imagery.indices import spectral_facts
+from geochat.imagery.stretch import Stretch, apply_stretch, compute_stretch, display_values
+
+ImageSource = Union[str, "os.PathLike[str]", bytes, Image.Image, np.ndarray]
+
+GDAL_CACHE_BYTES = 64 * 1024 * 1024   # block cache cap while reading (GDAL's default is 5 % of RAM)
+DEFAULT_MAX_SIZE = 1024
+DEFAULT_MAX_PIXELS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the file says about itself (no pixel statistics)."""
+
+    path: str | None
+    width: int
+    height: int
+    count: int
+    dtype: str                                   # e.g. "uint16", "complex64"
+    crs: str | None                              # "EPSG:32618", else WKT; None without georeferencing
+    transform: tuple[float, float, float, float, float, float] | None   # affine a..f; None if none
+    nodata: float | None
+    band_descriptions: tuple[str | None, ...]
+    color_interp: tuple[str, ...]                # e.g. ("red", "green", "blue", "alpha")
+    gsd_m: float | None                          # ground sample distance in metres
+    bounds_lonlat: tuple[float, float, float, float] | None   # west, south, east, north (EPSG:4326)
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None and self.transform is not None
+
+
+@dataclass
+class LoadedImage:
+    """A raster's display/model view and what is known about it."""
+
+    rgb: np.ndarray            # (h, w, 3) uint8, long side <= max_size, invalid pixels 0
+    valid: np.ndarray          # (h, w) bool, False where nodata/NaN/masked in any band read
+    info: RasterInfo
+    scale: float               # original pixels per preview pixel (>= 1.0)
+    bands: BandSelection
+    facts: dict[str, Any]      # JSON-serialisable summary for the prompt
+    stretch: Stretch | None = field(default=None)   # limits used, to stretch tiles the same way
+
+
+@contextmanager
+def _gdal_env() -> Iterator[None]:
+    """Quiet NotGeoreferencedWarning (PNG/JPEG/arrays) and cap GDAL's block cache for one read."""
+    nested = hasenv()
+    previous = get_gdal_config("GDAL_CACHEMAX")
+    cap = min(previous, GDAL_CACHE_BYTES) if isinstance(previous, int) and previous > 0 else GDAL_CACHE_BYTES
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.Env(GDAL_CACHEMAX=cap):
+            yield
+    if nested and previous is not None and get_gdal_config("GDAL_CACHEMAX") != previous:
+        set_gdal_config("GDAL_CACHEMAX", previous)   # a nested Env does not restore it by itself
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+@contextmanager
+def _checked_open(opener: Any, name: str) -> Iterator[DatasetReader]:
+    try:
+        ds = opener()
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise ImageryError(
+            f"{name} is not a readable raster ({_reason(exc)}); pass a GeoTIFF/COG, PNG or JPEG file, "
+            f"and if it is one, it is damaged or truncated: download or export it again"
+        ) from exc
+    with ds:
+        yield ds
+
+
+@contextmanager
+def _read_guard(name: str) -> Iterator[None]:
+    """Turn GDAL read failures (truncated or corrupt pixel data) into an ImageryError."""
+    try:
+        yield
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise ImageryError(
+            f"{name} is truncated or corrupt: reading its pixels failed ({_reason(exc)}); "
+            f"download or export it again"
+        ) from exc
+
+
+def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, tuple[ColorInterp, ...] | None]:
+    """(h, w[, c]) array in native byte order and its colour interpretation."""
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    elif img.mode == "1":
+        img = img.convert("L")
+    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        img = img.convert("RGB")
+    arr = np.asarray(img)
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
+    ci = ColorInterp
+    interp = {"RGB": (ci.red, ci.green, ci.blue), "RGBA": (ci.red, ci.green, ci.blue, ci.alpha),
+              "LA": (ci.gray, ci.alpha)}.get(img.mode)
+    return arr, interp
+
+
+@contextmanager
+def _array_dataset(arr: np.ndarray, interp: tuple[ColorInterp, ...] | None) -> Iterator[DatasetReader]:
+    """An in-memory GeoTIFF of an (h, w) or (h, w, bands) array, without georeferencing."""
+    if arr.ndim == 3 and arr.shape[2] > 64 and arr.shape[0] <= 64:
+        raise ImageryError(
+            f"numpy images are read as (height, width, bands) but this one is {arr.shape}, which looks "
+            f"like (bands, height, width); pass np.moveaxis(array, 0, -1)"
+        )
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ImageryError(f"a numpy image must be (height, width) or (height, width, bands), got shape {arr.shape}")
+    bands = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+    if bands.dtype == np.bool_:
+        bands = bands.astype(np.uint8)
+    elif bands.dtype == np.float16:
+        bands = bands.astype(np.float32)
+    elif bands.dtype.kind not in "uifc":
+        raise ImageryError(f"a numpy image must hold numbers, got dtype {bands.dtype}")
+    if interp is None and bands.shape[0] == 3:
+        interp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+    count, height, width = bands.shape
+    with MemoryFile() as mf:
+        # ALPHA=YES makes GTiff record the last band as alpha (an ExtraSample), so GDAL masks with it.
+        options = {"alpha": "YES"} if interp is not None and interp[-1] == ColorInterp.alpha else {}
+        with mf.open(driver="GTiff", width=width, height=height, count=count, dtype=bands.dtype.name,
+                     **options) as dst:
+            dst.write(bands)
+            if interp is not None:
+                dst.colorinterp = list(interp)
+        with mf.open() as ds:
+            yield ds
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("/vsi")
+
+
+@contextmanager
+def _open_source(source: ImageSource) -> Iterator[tuple[DatasetReader, str | None, str]]:
+    """Yield (dataset, path or None, a name for messages) for any supported source."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not _is_remote(path):
+            p = Path(path)
+            if not p.exists():
+                raise ImageryError(f"file not found: {path}; check the path (relative paths start at {Path.cwd()})")
+            if p.is_dir():
+                raise ImageryError(f"{path} is a directory; pass an image file (GeoTIFF/COG, PNG, JPEG)")
+        with _checked_open(lambda: rasterio.open(path), path) as ds:
+            yield ds, path, path
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise ImageryError("the image bytes are empty; upload the file again")
+        with MemoryFile(bytes(source)) as mf, _checked_open(mf.open, "the uploaded image") as ds:
+            yield ds, None, "the uploaded image"
+    elif isinstance(source, Image.Image):
+        arr, interp = _pil_to_array(source)
+        with _array_dataset(arr, interp) as ds:
+            yield ds, None, "the PIL image"
+    elif isinstance(source, np.ndarray):
+        with _array_dataset(source, None) as ds:
+            yield ds, None, "the numpy image"
+    else:
+        raise ImageryError(
+            f"cannot read an image from a {type(source).__name__}; pass a file path, bytes, a PIL image or a numpy array"
+        )
+
+
+def _raster_info(ds: DatasetReader, path: str | None) -> RasterInfo:
+    crs, transform = ds.crs, ds.transform
+    gcps, gcp_crs = ds.gcps
+    if (crs is None or not crs.to_wkt()) and gcps and gcp_crs is not None:
+        # GCP-only rasters (e.g. Sentinel-1 GRD): an affine fit to the control points, approximate.
+        crs, transform = gcp_crs, from_gcps(gcps)
+    crs_s = crs_to_string(crs)
+    t6: tuple[float, float, float, float, float, float] | None = tuple(float(v) for v in transform[:6])  # type: ignore[assignment]
+    if crs_s is None and transform.is_identity:
+        t6 = None
+    return RasterInfo(
+        path=path, width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0],
+        crs=crs_s, transform=t6, nodata=None if ds.nodata is None else float(ds.nodata),
+        band_descriptions=tuple(d or None for d in ds.descriptions),
+        color_interp=tuple(c.name for c in ds.colorinterp),
+        gsd_m=ground_sample_distance(crs_s, t6, ds.width, ds.height),
+        bounds_lonlat=lonlat_bounds(crs_s, t6, ds.width, ds.height),
+    )
+
+
+def read_info(source: ImageSource) -> RasterInfo:
+    """The RasterInfo of a source, reading no pixels."""
+    with _gdal_env(), _open_source(source) as (ds, path, _):
+        return _raster_info(ds, path)
+
+
+def _valid_mask(ds: DatasetReader, indexes: Sequence[int], data: np.ndarray, window: Window | None,
+                out_shape: tuple[int, int]) -> np.ndarray:
+    """(h, w) bool: False where any band read is nodata, non-finite or masked (alpha/mask band)."""
+    valid = np.ones(out_shape, dtype=bool)
+    dataset_mask_done = False
+    for k, idx in enumerate(indexes):
+        band = data[k]
+        if band.dtype.kind in "fc":
+            valid &= np.isfinite(band)
+        flags = ds.mask_flag_enums[idx - 1]
+        if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
+            if not dataset_mask_done:
+                mask = ds.read_masks(idx, window=window, out_shape=out_shape, resampling=Resampling.nearest)
+                valid &= mask > 0
+                dataset_mask_done = True
+        elif MaskFlags.nodata in flags:
+            nodata = ds.nodatavals[idx - 1]
+            if nodata is not None:
+                valid &= ~np.isnan(band) if math.isnan(nodata) else band != nodata
+    return valid
+
+
+def _read_bands(ds: DatasetReader, indexes: Sequence[int], window: Window | None, out_shape: tuple[int, int],
+                decimating: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, h, w) data and (h, w) validity of `indexes`, resampled to `out_shape`.
+
+    Averaging when decimating (GDAL skips nodata in the average); nearest for complex data, where an
+    average of complex samples would cancel by phase, and for palette indices.
+    """
+    nearest = (not decimating or np.dtype(ds.dtypes[0]).kind == "c"
+               or ds.colorinterp[0] == ColorInterp.palette)
+    data = ds.read(list(indexes), window=window, out_shape=(len(indexes), *out_shape),
+                   resampling=Resampling.nearest if nearest else Resampling.average)
+    return data, _valid_mask(ds, indexes, data, window, out_shape)
+
+
+def _palette_channels(ds: DatasetReader, band: np.ndarray, valid: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """R, G, B channels (uint8 values as float) of a palette band, and validity with the palette's alpha."""
+    cmap = ds.colormap(1)
+    size = max(256, max(cmap) + 1, int(band.max()) + 1)
+    lut = np.zeros((size, 4), dtype=np.float64)
+    for key, rgba in cmap.items():
+        lut[key] = rgba
+    colours = lut[band.astype(np.int64)]
+    return [colours[..., 0], colours[..., 1], colours[..., 2]], valid & (colours[..., 3] > 0)
+
+
+def _preview_shape(width: int, height: int, max_size: int) -> tuple[int, int]:
+    if max(width, height) <= max_size:
+        return height, width
+    s = max(width, height) / max_size
+    return max(1, round(height / s)), max(1, round(width / s))
+
+
+def _crs_label(crs: str | None) -> str | None:
+    """"EPSG:nnnn", or "custom (<PROJ projection name>)" for a CRS known only by its WKT."""
+    if crs is None or crs.startswith("EPSG:"):
+        return crs
+    proj = CRS.from_user_input(crs).to_dict().get("proj")
+    return f"custom ({proj or 'no projection name'})"
+
+
+def _facts(info: RasterInfo, sel: BandSelection, valid: np.ndarray, scale: float, sensor: str | None,
+           index_facts: dict[str, Any]) -> dict[str, Any]:
+    def r(v: float | None, nd: int = 3) -> float | None:
+        return None if v is None else round(float(v), nd)
+
+    nodata: float | str | None = info.nodata
+    if nodata is not None and math.isnan(nodata):
+        nodata = "NaN"
+    facts: dict[str, Any] = {
+        "file": Path(info.path).name if info.path else None,
+        "size": [info.width, info.height],
+        "band_count": info.count,
+        "dtype": info.dtype,
+        "crs": _crs_label(info.crs),
+        "georeferenced": info.georeferenced,
+        "gsd_m": r(info.gsd_m),
+        "bounds_lonlat": None if info.bounds_lonlat is None else [round(v, 6) for v in info.bounds_lonlat],
+        "nodata": nodata,
+        "rgb_bands": list(sel.rgb),
+        "band_selection": sel.source,
+        "band_roles": dict(sel.roles),
+        "band_order": "known" if sel.order_known else "unknown",
+        "band_descriptions": [d for d in info.band_descriptions] if any(info.band_descriptions) else None,
+        "nodata_fraction": r(1.0 - float(valid.mean())) if valid.size else None,
+        "preview_size": [int(valid.shape[1]), int(valid.shape[0])],
+        "preview_scale": r(scale),
+        "spectral_indices": index_facts,
+    }
+    if sensor:
+        facts["sensor"] = sel.source.removeprefix("preset:")
+    if np.dtype(info.dtype).kind == "c":
+        facts["display"] = "SAR amplitude |z| in dB, 2-98 % stretch"
+    return facts
+
+
+def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None, sensor: str | None = None,
+               max_size: int = DEFAULT_MAX_SIZE, max_pixels: int = DEFAULT_MAX_PIXELS,
+               stretch: str = "auto") -> LoadedImage:
+    """Read a raster's RGB view (long side <= max_size), validity mask, info and facts.
+
+    `bands`: 1-based band numbers [4, 3, 2] or "4,3,2" (one band = grey), or band names. `sensor`:
+    a preset name from SENSOR_PRESETS. `stretch`: "auto" (8-bit data as is, anything else 2-98 %
+    percentile) or "percentile" (always).
+    """
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    with _gdal_env(), _open_source(source) as (ds, path, name):
+        info = _raster_info(ds, path)
+        if info.width * info.height > max_pixels:
+            raise ImageryError(
+                f"{name} is {info.width}x{info.height} = {info.width * info.height:,} pixels, more than "
+                f"max_pixels={max_pixels:,}; raise max_pixels or cut a window out first "
+                f"(e.g. gdal_translate -srcwin)"
+            )
+        palette = info.color_interp[:1] == ("palette",) and info.count == 1 and bands is None
+        sel = (BandSelection((1, 1, 1), {}, "colorinterp") if palette else
+               select_bands(info.count, info.band_descriptions, info.color_interp, bands, sensor))
+        out_shape = _preview_shape(info.width, info.height, max_size)
+        scale = max(info.width, info.height) / max(out_shape)
+        index_bands = {role: sel.roles[role] for role in INDEX_ROLES if role in sel.roles}
+        needed = list(dict.fromkeys([*sel.rgb, *index_bands.values()]))
+        with _read_guard(name):
+            data, valid = _read_bands(ds, needed, None, out_shape, decimating=scale > 1.0)
+            if palette:
+                channels, valid = _palette_channels(ds, data[0], valid)
+                view = compute_stretch(channels, valid, mode=stretch, raw_dtype="uint8")
+                rgb = apply_stretch(channels, valid, view)
+                index_facts: dict[str, Any] = {}
+            else:
+                decibels = np.dtype(info.dtype).kind == "c"
+                shown = {idx: display_values(data[needed.index(idx)], decibels) for idx in set(sel.rgb)}
+                channels = [shown[i] for i in sel.rgb]
+                view = compute_stretch(channels, valid, mode=stretch, raw_dtype=info.dtype, decibels=decibels)
+                rgb = apply_stretch(channels, valid, view)
+                arrays = {role: data[needed.index(idx)] for role, idx in index_bands.items()}
+                index_facts = {} if decibels else spectral_facts(arrays, valid)
+    facts = _facts(info, sel, valid, scale, sensor, index_facts)
+    return LoadedImage(rgb=rgb, valid=valid, info=info, scale=scale, bands=sel, facts=facts, stretch=view)
+
+
+def read_window(source: ImageSource, window: tuple[int, int, int, int], bands: Sequence[int] | str | None = None,
+                out_size: int | tuple[int, int] | None = None, *, sensor: str | None = None,
+                stretch: Stretch | str = "auto") -> np.ndarray:
+    """(h, w, 3) uint8 RGB of one window (col_off, row_off, width, height) in original pixels.
+
+    `out_size`: None for full resolution, an int for the long side, or (width, height). `stretch`: a
+    `Stretch` (e.g. `LoadedImage.stretch`, so tiles match the overview) or a mode computed on the
+    window alone. Invalid pixels are 0. The window must lie inside the raster.
+    """
+    col, row, width, height = (int(v) for v in window)
+    with _gdal_env(), _open_source(source) as (ds, _, name):
+        if width < 1 or height < 1 or col < 0 or row < 0 or col + width > ds.width or row + height > ds.height:
+            raise ImageryError(
+                f"window (col {col}, row {row}, {width}x{height}) is not inside {name}, which is "
+                f"{ds.width}x{ds.height} pixels; clamp tiles to the raster"
+            )
+        info = _raster_info(ds, None)
+        palette = info.color_interp[:1] == ("palette",) and info.count == 1 and bands is None
+        sel = (BandSelection((1, 1, 1), {}, "colorinterp") if palette else
+               select_bands(info.count, info.band_descriptions, info.color_interp, bands, sensor))
+        if out_size is None:
+            out_shape = (height, width)
+        elif isinstance(out_size, int):
+            s = max(width, height) / out_size
+            out_shape = (max(1, round(height / s)), max(1, round(width / s)))
+        else:
+            out_shape = (int(out_size[1]), int(out_size[0]))
+        needed = list(dict.fromkeys(sel.rgb))
+        with _read_guard(name):
+            data, valid = _read_bands(ds, needed, Window(col, row, width, height), out_shape,
+                                      decimating=out_shape[0] < height or out_shape[1] < width)
+            if palette:
+                channels, valid = _palette_channels(ds, data[0], valid)
+                raw_dtype, decibels = "uint8", False
+            else:
+                raw_dtype, decibels = info.dtype, np.dtype(info.dtype).kind == "c"
+                channels = [display_values(data[needed.index(i)], decibels) for i in sel.rgb]
+    view = stretch if isinstance(stretch, Stretch) else compute_stretch(
+        channels, valid, mode=stretch, raw_dtype=raw_dtype, decibels=decibels)
+    return apply_stretch(channels, valid, view)
+
+
+def pad_to_square(rgb: np.ndarray, fill: tuple[int, int, int] = (0, 0, 0)) -> tuple[np.ndarray, tuple[int, int]]:
+    """Centre `rgb` (h, w, 3) on a square canvas of side max(h, w) filled with `fill`.
+
+    This is LLaVA's `expand2square`: the shorter side is padded equally on both sides (the extra
+    pixel of an odd difference goes after). Returns the (side, side, 3) image and the (left, top)
+    offsets of the original inside it, needed to map boxes on the square back to the image.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"pad_to_square expects an (h, w, 3) image, got {rgb.shape}")
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    left, top = (side - w) // 2, (side - h) // 2
+    out = np.empty((side, side, 3), dtype=rgb.dtype)
+    out[...] = np.asarray(fill, dtype=rgb.dtype)
+    out[top:top + h, left:left + w] = rgb
+    return out, (left, top)

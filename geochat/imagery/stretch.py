@@ -1,0 +1,86 @@
+"""Contrast stretch from raw band values (any dtype) to 8-bit display/model values.
+
+Satellite bands are rarely 8-bit: Sentinel-2 and Landsat store reflectance x 10000 in 16 bits, SAR
+stores complex numbers, analysis products store floats. The display view maps each channel's 2nd-98th
+percentile of the valid pixels linearly to 0-255 (the default of QGIS and most viewers), which
+ignores outliers such as clouds, glint and nodata. SAR amplitude is stretched in decibels
+(20 * log10 |z|), since its speckle spans orders of magnitude. 8-bit data (PNG/JPEG photos, RGB
+GeoTIFFs) is already display-ready and passes through unchanged under the "auto" mode, so photos keep
+their colour balance.
+
+The limits are kept in a `Stretch` so that tiles read later (`read_window`) look like the overview.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STRETCH_MODES = ("auto", "percentile")
+PERCENTILES = (2.0, 98.0)
+CONSTANT_GREY = 128       # value of a valid pixel of a constant channel (no contrast to stretch)
+_DB_FLOOR = 1e-10         # amplitude floor before log10, so zeros become -200 dB, not -inf
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """Per-channel (low, high) limits, in display units (dB when `decibels`), mapped to 0 and 255."""
+
+    limits: tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
+    decibels: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.limits) != 3:
+            raise ValueError(f"a Stretch needs limits for 3 channels, got {len(self.limits)}")
+
+
+def display_values(band: np.ndarray, decibels: bool) -> np.ndarray:
+    """Band values in display units: |z| for complex, in dB when `decibels`; float (h, w)."""
+    values = np.abs(band) if np.iscomplexobj(band) else band
+    values = values.astype(np.float64, copy=False)
+    if decibels:
+        values = 20.0 * np.log10(np.maximum(values, _DB_FLOOR))
+    return values
+
+
+def compute_stretch(channels: list[np.ndarray], valid: np.ndarray, *, mode: str = "auto",
+                    raw_dtype: str = "float32", decibels: bool = False) -> Stretch:
+    """Limits for three display-unit channels (each (h, w)) from their valid pixels.
+
+    `mode="auto"` keeps uint8 data as is (limits 0, 255); otherwise, and for `mode="percentile"`,
+    the limits are the 2nd and 98th percentiles of each channel's valid, finite pixels.
+    """
+    if mode not in STRETCH_MODES:
+        raise ValueError(f"unknown stretch mode {mode!r}; choose one of {STRETCH_MODES}")
+    if len(channels) != 3:
+        raise ValueError(f"expected 3 channels, got {len(channels)}")
+    if mode == "auto" and raw_dtype == "uint8" and not decibels:
+        return Stretch(((0.0, 255.0),) * 3, decibels)  # type: ignore[arg-type]
+    limits: list[tuple[float, float]] = []
+    cache: dict[int, tuple[float, float]] = {}
+    for ch in channels:
+        if id(ch) not in cache:
+            vals = ch[valid & np.isfinite(ch)]
+            if vals.size == 0:
+                cache[id(ch)] = (0.0, 0.0)
+            else:
+                lo, hi = np.percentile(vals, PERCENTILES)
+                cache[id(ch)] = (float(lo), float(hi))
+        limits.append(cache[id(ch)])
+    return Stretch((limits[0], limits[1], limits[2]), decibels)
+
+
+def apply_stretch(channels: list[np.ndarray], valid: np.ndarray, stretch: Stretch) -> np.ndarray:
+    """(h, w, 3) uint8: each channel mapped linearly from its (low, high) to 0-255 and clipped;
+    invalid and non-finite pixels are 0; a channel with high <= low is CONSTANT_GREY where valid."""
+    h, w = valid.shape
+    out = np.zeros((h, w, 3), dtype=np.uint8)
+    for k, (ch, (lo, hi)) in enumerate(zip(channels, stretch.limits, strict=True)):
+        ok = valid & np.isfinite(ch)
+        if hi > lo:
+            scaled = np.clip((np.where(ok, ch, lo) - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
+            out[..., k] = np.where(ok, np.rint(scaled), 0).astype(np.uint8)
+        else:
+            out[..., k] = np.where(ok, CONSTANT_GREY, 0).astype(np.uint8)
+    return out

@@ -1,0 +1,127 @@
+"""The engine: multi-turn cache reuse, streaming, grounding, errors (tiny model, generated GeoTIFFs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geochat import GeoChat, GeoChatError, Turn
+from geochat.grounding import Box, format_grounded
+from geochat.imagery import load_image
+from tests.tiny import tiny_config
+
+
+@pytest.fixture(scope="module")
+def gc(tiny_llm_dir: Path) -> GeoChat:
+    return GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=10)
+
+
+def _image() -> np.ndarray:
+    return (np.random.RandomState(0).rand(40, 60, 3) * 255).astype(np.uint8)
+
+
+def _uncached_ids(gc: GeoChat, image: np.ndarray, message: str, history: list[Turn], n: int) -> list[int]:
+    """Reference: the plain LLaVA way, everything re-encoded, no cache reuse."""
+    from geochat.model.processor import to_pixel_values
+    from geochat.prompting import build_user_message
+
+    a = gc.assistant
+    loaded = load_image(image)
+    user = build_user_message(message, facts=loaded.facts if not history else None)
+    ids = gc._prompt_ids(history, user, with_image=True)
+    pixels = to_pixel_values(loaded.rgb, a.image_size, a.config.image_mean, a.config.image_std)
+    out = a.model.generate(
+        input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=n, do_sample=False,
+        suppress_tokens=[a.image_token_id], pad_token_id=a.tokenizer.pad_token_id,
+    )
+    return out[0, len(ids):].tolist()
+
+
+def test_cached_multi_turn_equals_uncached(gc: GeoChat) -> None:
+    image = _image()
+    first = gc.chat(image, "what is in this image?")
+    assert first.timings.encode_s > 0
+    second = gc.chat(image, "and the river?", history=[first.as_turn()])
+    assert second.timings.encode_s == 0.0, "the image must be encoded once per session"
+    third = gc.chat(image, "anything else?", history=[first.as_turn(), second.as_turn()])
+    tok = gc.assistant.tokenizer
+    for message, history, answer in [
+        ("what is in this image?", [], first),
+        ("and the river?", [first.as_turn()], second),
+        ("anything else?", [first.as_turn(), second.as_turn()], third),
+    ]:
+        expected = tok.decode(_uncached_ids(gc, image, message, history, 10), skip_special_tokens=True).strip()
+        assert answer.raw == expected
+
+
+def test_second_turn_reuses_prefix(gc: GeoChat) -> None:
+    image = np.full((32, 32, 3), 90, np.uint8)
+    first = gc.chat(image, "describe")
+    session = next(reversed(gc._sessions.values()))
+    assert session.last_reused == 0
+    first_prompt_len = len(gc._prompt_ids([], first.prompt, with_image=True))
+    gc.chat(image, "more", history=[first.as_turn()])
+    # the system prompt, the image tokens and the whole first question come from the cache
+    assert session.last_reused >= first_prompt_len - 3
+
+
+def test_stream_yields_pieces_then_answer(gc: GeoChat) -> None:
+    stream = gc.stream(_image(), "caption this", task="caption")
+    pieces = list(stream)
+    assert stream.answer is not None
+    assert "".join(pieces).strip() == stream.answer.raw
+    assert stream.answer.task == "caption"
+
+
+def test_text_only_question(gc: GeoChat) -> None:
+    answer = gc.chat(None, "what is NDVI?")
+    assert answer.boxes == [] and answer.geojson is None and answer.facts == {}
+
+
+def test_boxes_are_georeferenced(gc: GeoChat, geotiffs: dict[str, Path]) -> None:
+    loaded = load_image(geotiffs["rect_600x300_utm.tif"])
+    raw = format_grounded([("the field", [Box(0, 25, 100, 75)])])  # the whole real image on the padded grid
+    boxes, geojson = gc._georeference(__import__("geochat.grounding", fromlist=["parse_boxes"]).parse_boxes(raw), loaded)
+    assert boxes[0].phrase == "the field"
+    np.testing.assert_allclose(boxes[0].pixel[:4], (0, 0, 600, 300), atol=1e-6)
+    assert geojson is not None and geojson["type"] == "FeatureCollection"
+    ring = geojson["features"][0]["geometry"]["coordinates"][0]
+    west, south, east, north = loaded.info.bounds_lonlat  # type: ignore[misc]
+    lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+    assert min(lons) == pytest.approx(west, abs=1e-6) and max(lons) == pytest.approx(east, abs=1e-6)
+    assert min(lats) == pytest.approx(south, abs=1e-6) and max(lats) == pytest.approx(north, abs=1e-6)
+    assert boxes[0].polygon_lonlat is not None and boxes[0].polygon_lonlat[0] == boxes[0].polygon_lonlat[-1]
+
+
+def test_identify_requires_region_inside_image(gc: GeoChat) -> None:
+    with pytest.raises(GeoChatError, match="needs a region"):
+        gc.chat(_image(), "what is here?", task="identify")
+    with pytest.raises(GeoChatError, match="outside the image"):
+        gc.chat(_image(), "what is here?", task="identify", region=[0, 0, 500, 10])
+    answer = gc.chat(_image(), "what is here?", task="identify", region=[5, 5, 30, 20])
+    assert "[identify]" in answer.prompt and "{<" in answer.prompt
+
+
+def test_cot_splits_reasoning(gc: GeoChat) -> None:
+    answer = gc.chat(_image(), "is there water?", cot=True)
+    assert "Answer:" in answer.prompt or "answer" in answer.prompt.lower()
+    assert isinstance(answer.answer, str)
+
+
+def test_save_and_reload_gives_identical_answers(gc: GeoChat, tmp_path: Path) -> None:
+    image = _image()
+    gc.save_pretrained(tmp_path / "a")
+    reloaded = GeoChat.from_pretrained(tmp_path / "a", max_new_tokens=10)
+    assert reloaded.chat(image, "describe it").raw == gc.chat(image, "describe it").raw
+
+
+def test_answer_json_contract(gc: GeoChat, geotiffs: dict[str, Path]) -> None:
+    data = gc.chat(geotiffs["rect_600x300_utm.tif"], "what is this?").to_json()
+    assert set(data) == {"answer", "reasoning", "task", "boxes", "geojson", "facts", "sources", "model", "timings"}
+    assert set(data["model"]) == {"name", "vision", "llm"}
+    assert "untrained" in data["model"]["name"]
+    assert set(data["timings"]) == {"encode_s", "ttft_s", "total_s"}
+    assert data["facts"]["crs"].startswith("EPSG:")
