@@ -10,13 +10,12 @@ import argparse
 import importlib
 import logging
 import os
+import pkgutil
 import sys
 from collections.abc import Sequence
 
+import geochat.commands
 from geochat.errors import GeoChatError
-
-# Each module defines `register(subparsers)`, which adds its sub-command and sets `func`.
-COMMAND_MODULES = ("geochat.commands.ask",)
 
 EXIT_USAGE = 2
 
@@ -27,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    # Each module in geochat.commands defines `register(subparsers)`, adding its sub-command and `func`.
+    for module in sorted(pkgutil.iter_modules(geochat.commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"geochat.commands.{module.name}").register(sub)
     return parser
 
 
