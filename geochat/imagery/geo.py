@@ -50,7 +50,7 @@ def _affine(transform: Transform6) -> Affine:
 
 def _corners(transform: Transform6, width: int, height: int) -> list[Point]:
     aff = _affine(transform)
-    return [aff * (0, 0), aff * (width, 0), aff * (width, height), aff * (0, height)]
+    return [aff @ (0, 0), aff @ (width, 0), aff @ (width, height), aff @ (0, height)]
 
 
 def lonlat_bounds(crs: str | None, transform: Transform6 | None, width: int, height: int) -> tuple[float, float, float, float] | None:
@@ -114,19 +114,27 @@ def _require_transform(info: RasterInfo) -> Transform6:
 def pixel_to_map(info: RasterInfo, points: Sequence[Point]) -> list[Point]:
     """(col, row) in original raster pixels -> (x, y) in the raster's CRS via the affine transform."""
     aff = _affine(_require_transform(info))
-    return [tuple(aff * (float(c), float(r))) for c, r in points]  # type: ignore[misc]
+    out: list[Point] = []
+    for c, r in points:
+        x, y = aff @ (float(c), float(r))
+        out.append((float(x), float(y)))
+    return out
 
 
 def map_to_pixel(info: RasterInfo, points: Sequence[Point]) -> list[Point]:
     """(x, y) in the raster's CRS -> (col, row) in original raster pixels (inverse affine)."""
     inv = ~_affine(_require_transform(info))
-    return [tuple(inv * (float(x), float(y))) for x, y in points]  # type: ignore[misc]
+    out: list[Point] = []
+    for x, y in points:
+        c, r = inv @ (float(x), float(y))
+        out.append((float(c), float(r)))
+    return out
 
 
 def pixel_to_lonlat_raw(crs: str, transform: Transform6, points: Sequence[Point]) -> list[Point]:
     """(col, row) -> (lon, lat) for a CRS string and affine transform."""
     aff = _affine(transform)
-    xy = [aff * (float(c), float(r)) for c, r in points]
+    xy = [aff @ (float(c), float(r)) for c, r in points]
     return _reproject(crs, "EPSG:4326", xy)
 
 

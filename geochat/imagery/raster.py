@@ -17,23 +17,15 @@ raises `ImageryError` or `BandSelectionError` with a message saying what to do.
 from __future__ import annotations
 
 import math
-import os
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-import rasterio
-from PIL import Image
-from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.env import get_gdal_config, hasenv, set_gdal_config
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
-from rasterio.io import DatasetReader, MemoryFile
+from rasterio.io import DatasetReader
 from rasterio.transform import from_gcps
 from rasterio.windows import Window
 
@@ -41,11 +33,9 @@ from geochat.errors import ImageryError
 from geochat.imagery.bands import INDEX_ROLES, BandSelection, select_bands
 from geochat.imagery.geo import crs_to_string, ground_sample_distance, lonlat_bounds
 from geochat.imagery.indices import spectral_facts
+from geochat.imagery.sources import ImageSource, gdal_env, open_source, read_guard
 from geochat.imagery.stretch import Stretch, apply_stretch, compute_stretch, display_values
 
-ImageSource = Union[str, "os.PathLike[str]", bytes, Image.Image, np.ndarray]
-
-GDAL_CACHE_BYTES = 64 * 1024 * 1024   # block cache cap while reading (GDAL's default is 5 % of RAM)
 DEFAULT_MAX_SIZE = 1024
 DEFAULT_MAX_PIXELS = 2_000_000_000
 
@@ -82,134 +72,7 @@ class LoadedImage:
     scale: float               # original pixels per preview pixel (>= 1.0)
     bands: BandSelection
     facts: dict[str, Any]      # JSON-serialisable summary for the prompt
-    stretch: Stretch | None = field(default=None)   # limits used, to stretch tiles the same way
-
-
-@contextmanager
-def _gdal_env() -> Iterator[None]:
-    """Quiet NotGeoreferencedWarning (PNG/JPEG/arrays) and cap GDAL's block cache for one read."""
-    nested = hasenv()
-    previous = get_gdal_config("GDAL_CACHEMAX")
-    cap = min(previous, GDAL_CACHE_BYTES) if isinstance(previous, int) and previous > 0 else GDAL_CACHE_BYTES
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with rasterio.Env(GDAL_CACHEMAX=cap):
-            yield
-    if nested and previous is not None and get_gdal_config("GDAL_CACHEMAX") != previous:
-        set_gdal_config("GDAL_CACHEMAX", previous)   # a nested Env does not restore it by itself
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
-
-
-@contextmanager
-def _checked_open(opener: Any, name: str) -> Iterator[DatasetReader]:
-    try:
-        ds = opener()
-    except (RasterioError, CPLE_BaseError) as exc:
-        raise ImageryError(
-            f"{name} is not a readable raster ({_reason(exc)}); pass a GeoTIFF/COG, PNG or JPEG file, "
-            f"and if it is one, it is damaged or truncated: download or export it again"
-        ) from exc
-    with ds:
-        yield ds
-
-
-@contextmanager
-def _read_guard(name: str) -> Iterator[None]:
-    """Turn GDAL read failures (truncated or corrupt pixel data) into an ImageryError."""
-    try:
-        yield
-    except (RasterioError, CPLE_BaseError) as exc:
-        raise ImageryError(
-            f"{name} is truncated or corrupt: reading its pixels failed ({_reason(exc)}); "
-            f"download or export it again"
-        ) from exc
-
-
-def _pil_to_array(img: Image.Image) -> tuple[np.ndarray, tuple[ColorInterp, ...] | None]:
-    """(h, w[, c]) array in native byte order and its colour interpretation."""
-    if img.mode in ("P", "PA"):
-        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
-    elif img.mode == "1":
-        img = img.convert("L")
-    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-        img = img.convert("RGB")
-    arr = np.asarray(img)
-    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)
-    ci = ColorInterp
-    interp = {"RGB": (ci.red, ci.green, ci.blue), "RGBA": (ci.red, ci.green, ci.blue, ci.alpha),
-              "LA": (ci.gray, ci.alpha)}.get(img.mode)
-    return arr, interp
-
-
-@contextmanager
-def _array_dataset(arr: np.ndarray, interp: tuple[ColorInterp, ...] | None) -> Iterator[DatasetReader]:
-    """An in-memory GeoTIFF of an (h, w) or (h, w, bands) array, without georeferencing."""
-    if arr.ndim == 3 and arr.shape[2] > 64 and arr.shape[0] <= 64:
-        raise ImageryError(
-            f"numpy images are read as (height, width, bands) but this one is {arr.shape}, which looks "
-            f"like (bands, height, width); pass np.moveaxis(array, 0, -1)"
-        )
-    if arr.ndim not in (2, 3) or arr.size == 0:
-        raise ImageryError(f"a numpy image must be (height, width) or (height, width, bands), got shape {arr.shape}")
-    bands = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
-    if bands.dtype == np.bool_:
-        bands = bands.astype(np.uint8)
-    elif bands.dtype == np.float16:
-        bands = bands.astype(np.float32)
-    elif bands.dtype.kind not in "uifc":
-        raise ImageryError(f"a numpy image must hold numbers, got dtype {bands.dtype}")
-    if interp is None and bands.shape[0] == 3:
-        interp = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
-    count, height, width = bands.shape
-    with MemoryFile() as mf:
-        # ALPHA=YES makes GTiff record the last band as alpha (an ExtraSample), so GDAL masks with it.
-        options = {"alpha": "YES"} if interp is not None and interp[-1] == ColorInterp.alpha else {}
-        with mf.open(driver="GTiff", width=width, height=height, count=count, dtype=bands.dtype.name,
-                     **options) as dst:
-            dst.write(bands)
-            if interp is not None:
-                dst.colorinterp = list(interp)
-        with mf.open() as ds:
-            yield ds
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path or path.startswith("/vsi")
-
-
-@contextmanager
-def _open_source(source: ImageSource) -> Iterator[tuple[DatasetReader, str | None, str]]:
-    """Yield (dataset, path or None, a name for messages) for any supported source."""
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not _is_remote(path):
-            p = Path(path)
-            if not p.exists():
-                raise ImageryError(f"file not found: {path}; check the path (relative paths start at {Path.cwd()})")
-            if p.is_dir():
-                raise ImageryError(f"{path} is a directory; pass an image file (GeoTIFF/COG, PNG, JPEG)")
-        with _checked_open(lambda: rasterio.open(path), path) as ds:
-            yield ds, path, path
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        if len(source) == 0:
-            raise ImageryError("the image bytes are empty; upload the file again")
-        with MemoryFile(bytes(source)) as mf, _checked_open(mf.open, "the uploaded image") as ds:
-            yield ds, None, "the uploaded image"
-    elif isinstance(source, Image.Image):
-        arr, interp = _pil_to_array(source)
-        with _array_dataset(arr, interp) as ds:
-            yield ds, None, "the PIL image"
-    elif isinstance(source, np.ndarray):
-        with _array_dataset(source, None) as ds:
-            yield ds, None, "the numpy image"
-    else:
-        raise ImageryError(
-            f"cannot read an image from a {type(source).__name__}; pass a file path, bytes, a PIL image or a numpy array"
-        )
+    stretch: Stretch           # limits used, so that tiles (read_window) are stretched the same way
 
 
 def _raster_info(ds: DatasetReader, path: str | None) -> RasterInfo:
@@ -234,7 +97,7 @@ def _raster_info(ds: DatasetReader, path: str | None) -> RasterInfo:
 
 def read_info(source: ImageSource) -> RasterInfo:
     """The RasterInfo of a source, reading no pixels."""
-    with _gdal_env(), _open_source(source) as (ds, path, _):
+    with gdal_env(), open_source(source) as (ds, path, _):
         return _raster_info(ds, path)
 
 
@@ -306,8 +169,8 @@ def _facts(info: RasterInfo, sel: BandSelection, valid: np.ndarray, scale: float
         return None if v is None else round(float(v), nd)
 
     nodata: float | str | None = info.nodata
-    if nodata is not None and math.isnan(nodata):
-        nodata = "NaN"
+    if info.nodata is not None and math.isnan(info.nodata):
+        nodata = "NaN"   # strict JSON has no NaN
     facts: dict[str, Any] = {
         "file": Path(info.path).name if info.path else None,
         "size": [info.width, info.height],
@@ -328,6 +191,9 @@ def _facts(info: RasterInfo, sel: BandSelection, valid: np.ndarray, scale: float
         "preview_scale": r(scale),
         "spectral_indices": index_facts,
     }
+    if not sel.order_known and info.count >= 4:
+        facts["band_order_hint"] = ("the file does not say which band is which; pass a sensor preset "
+                                    "(e.g. sentinel2, landsat8, naip, planetscope) to use the extra bands")
     if sensor:
         facts["sensor"] = sel.source.removeprefix("preset:")
     if np.dtype(info.dtype).kind == "c":
@@ -346,7 +212,7 @@ def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None,
     """
     if max_size < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
-    with _gdal_env(), _open_source(source) as (ds, path, name):
+    with gdal_env(), open_source(source) as (ds, path, name):
         info = _raster_info(ds, path)
         if info.width * info.height > max_pixels:
             raise ImageryError(
@@ -361,7 +227,7 @@ def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None,
         scale = max(info.width, info.height) / max(out_shape)
         index_bands = {role: sel.roles[role] for role in INDEX_ROLES if role in sel.roles}
         needed = list(dict.fromkeys([*sel.rgb, *index_bands.values()]))
-        with _read_guard(name):
+        with read_guard(name):
             data, valid = _read_bands(ds, needed, None, out_shape, decimating=scale > 1.0)
             if palette:
                 channels, valid = _palette_channels(ds, data[0], valid)
@@ -390,7 +256,7 @@ def read_window(source: ImageSource, window: tuple[int, int, int, int], bands: S
     window alone. Invalid pixels are 0. The window must lie inside the raster.
     """
     col, row, width, height = (int(v) for v in window)
-    with _gdal_env(), _open_source(source) as (ds, _, name):
+    with gdal_env(), open_source(source) as (ds, _, name):
         if width < 1 or height < 1 or col < 0 or row < 0 or col + width > ds.width or row + height > ds.height:
             raise ImageryError(
                 f"window (col {col}, row {row}, {width}x{height}) is not inside {name}, which is "
@@ -408,7 +274,7 @@ def read_window(source: ImageSource, window: tuple[int, int, int, int], bands: S
         else:
             out_shape = (int(out_size[1]), int(out_size[0]))
         needed = list(dict.fromkeys(sel.rgb))
-        with _read_guard(name):
+        with read_guard(name):
             data, valid = _read_bands(ds, needed, Window(col, row, width, height), out_shape,
                                       decimating=out_shape[0] < height or out_shape[1] < width)
             if palette:

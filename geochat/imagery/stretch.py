@@ -56,7 +56,7 @@ def compute_stretch(channels: list[np.ndarray], valid: np.ndarray, *, mode: str 
     if len(channels) != 3:
         raise ValueError(f"expected 3 channels, got {len(channels)}")
     if mode == "auto" and raw_dtype == "uint8" and not decibels:
-        return Stretch(((0.0, 255.0),) * 3, decibels)  # type: ignore[arg-type]
+        return Stretch(((0.0, 255.0), (0.0, 255.0), (0.0, 255.0)), decibels)
     limits: list[tuple[float, float]] = []
     cache: dict[int, tuple[float, float]] = {}
     for ch in channels:

@@ -16,10 +16,11 @@ reproducible and their contents are documented here rather than hidden in binari
 - `nongeo.png`: 48x32 RGB PNG with no georeferencing.
 - `rect_600x300_utm.tif`: 600 wide x 300 high uint8 RGB, EPSG:32618, origin (500000, 4000000),
   5 m pixels, for box re-projection checks.
-- `corrupt.tif`: the first 400 bytes of a valid GeoTIFF (a truncated download).
+- `corrupt.tif`: the first 400 bytes of a valid GeoTIFF: the header itself is cut off.
+- `truncated.tif`: the first half of `rect_600x300_utm.tif`: the header opens, the pixels are missing.
 - `text_as.tif`: a text file with a .tif name.
 - `sparse_20000.tif`: 20000x20000 uint8, 512x512 tiles, DEFLATE, SPARSE_OK, nodata 0; only four
-  blocks hold data (value 200 in the tile at column 0/row 0 and 10240/10240 ...), so the file is a few
+  blocks hold data (value 200; see SPARSE_BLOCKS), so the file is a few
   kilobytes on disk while a naive full read would need 400 MB.
 
 Run `python tests/data/make_fixtures.py OUT_DIR` to write them.
@@ -28,12 +29,14 @@ Run `python tests/data/make_fixtures.py OUT_DIR` to write them.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.crs import CRS
-from rasterio.transform import from_origin
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 SEED = 0
@@ -61,6 +64,11 @@ RECT_ORIGIN = (500_000.0, 4_000_000.0)
 RECT_PIXEL = 5.0
 
 LCC_PROJ = "+proj=lcc +lat_1=45 +lat_2=55 +lat_0=50 +lon_0=10 +x_0=0 +y_0=0 +ellps=WGS84 +units=m +no_defs"
+
+
+def from_origin(west: float, north: float, xsize: float, ysize: float) -> Affine:
+    """North-up affine transform with its top-left corner at (west, north)."""
+    return Affine(xsize, 0.0, west, 0.0, -ysize, north)
 
 
 def _s2(path: Path, rng: np.random.Generator) -> None:
@@ -138,8 +146,10 @@ def _float64_lcc(path: Path, rng: np.random.Generator) -> None:
 def _nongeo_png(path: Path, rng: np.random.Generator) -> None:
     data = rng.integers(0, 256, size=(3, 32, 48), dtype=np.uint8)
     profile = {"driver": "PNG", "width": 48, "height": 32, "count": 3, "dtype": "uint8"}
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)   # a PNG without georeferencing is the point
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
 
 
 def _rect(path: Path, rng: np.random.Generator) -> None:
@@ -185,7 +195,9 @@ def make_all(out_dir: Path) -> dict[str, Path]:
     _nongeo_png(target("nongeo.png"), rng)
     _rect(target("rect_600x300_utm.tif"), rng)
     _sparse(target("sparse_20000.tif"))
-    target("corrupt.tif").write_bytes(paths["rect_600x300_utm.tif"].read_bytes()[:400])
+    rect_bytes = paths["rect_600x300_utm.tif"].read_bytes()
+    target("corrupt.tif").write_bytes(rect_bytes[:400])
+    target("truncated.tif").write_bytes(rect_bytes[: len(rect_bytes) // 2])
     target("text_as.tif").write_text("this is not a raster\n")
     # GDAL leaves .aux.xml side-cars for PNG metadata; they are not fixtures.
     for aux in out_dir.glob("*.aux.xml"):

@@ -1,0 +1,83 @@
+"""Read evaluation annotations: one JSON object a line, images relative to the file.
+
+Formats (see `../shared/data/README.md`):
+
+- classification / captions: ``{"image", "label"?, "captions"?, "split"?}``
+- VQA: ``{"image", "question", "answer", "type"?}``
+- grounding: ``{"image", "phrase", "boxes": [[x1, y1, x2, y2, theta?], ...]}`` in pixels
+
+Each task keeps the rows it can use (captions for caption/retrieve, a label for classify, ...);
+a row that is not valid JSON or names no image is an error with its line number.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from geochat.errors import GeoChatError
+
+
+@dataclass(frozen=True)
+class Row:
+    image: Path
+    line: int
+    split: str | None = None
+    label: str | None = None
+    captions: tuple[str, ...] = ()
+    question: str | None = None
+    answer: str | None = None
+    type: str | None = None
+    phrase: str | None = None
+    boxes: tuple[tuple[float, ...], ...] = ()
+
+
+def _boxes(value: Any, where: str) -> tuple[tuple[float, ...], ...]:
+    if not isinstance(value, list):
+        raise GeoChatError(f"{where}: 'boxes' must be a list of [x1, y1, x2, y2(, theta)]")
+    out = []
+    for box in value:
+        if not isinstance(box, list) or len(box) not in (4, 5) or not all(isinstance(v, (int, float)) for v in box):
+            raise GeoChatError(f"{where}: a box must be [x1, y1, x2, y2] or [x1, y1, x2, y2, theta], got {box!r}")
+        out.append(tuple(float(v) for v in box))
+    return tuple(out)
+
+
+def parse_row(obj: Any, base: Path, where: str) -> Row:
+    if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
+        raise GeoChatError(f"{where}: each line must be a JSON object with an 'image' path")
+    captions = obj.get("captions") or ()
+    if isinstance(captions, str):
+        captions = (captions,)
+    return Row(
+        image=(base / obj["image"]),
+        line=int(where.rsplit(":", 1)[-1]),
+        split=obj.get("split"),
+        label=obj.get("label"),
+        captions=tuple(str(c) for c in captions if str(c).strip()),
+        question=obj.get("question"),
+        answer=None if obj.get("answer") is None else str(obj["answer"]),
+        type=obj.get("type"),
+        phrase=obj.get("phrase"),
+        boxes=_boxes(obj["boxes"], where) if "boxes" in obj else (),
+    )
+
+
+def read_annotations(path: Path, split: str | None = None) -> list[Row]:
+    """All rows of a JSONL file (only those of `split` when given)."""
+    if not path.is_file():
+        raise GeoChatError(f"annotation file not found: {path}")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise GeoChatError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+        row = parse_row(obj, path.parent, f"{path}:{i}")
+        if split is None or row.split == split:
+            rows.append(row)
+    return rows

@@ -1,0 +1,199 @@
+"""Run one evaluation task over annotation rows: embed or ask, then score.
+
+`classify` (mode `dual`) and `retrieve` use the dual encoder (the tower's pooled head ↔ MiniLM):
+no language model is loaded. `classify` (mode `vlm`), `caption`, `vqa` and `ground` ask the
+assistant through the engine, exactly as a user would, one image at a time.
+
+Every result is a JSON-ready dict `{"task", "n", <metrics>, ("per_class" | "per_type")}`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from geochat.errors import GeoChatError
+from geochat.eval.annotations import Row
+from geochat.eval.metrics import (
+    accuracy,
+    accuracy_by,
+    caption_scores,
+    confusion_matrix,
+    grounding_accuracy,
+    normalize_answer,
+    question_type,
+    retrieval_recalls,
+    vqa_match,
+)
+from geochat.grounding import Box
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classify", "retrieve", "caption", "vqa", "ground")
+CAPTION_MAX_NEW_TOKENS = 48
+ANSWER_MAX_NEW_TOKENS = 32
+GROUND_MAX_NEW_TOKENS = 64
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # per row, for the report
+    confusion: np.ndarray | None = None
+    labels: list[str] = field(default_factory=list)
+
+
+def rows_for(task: str, rows: Sequence[Row], limit: int | None) -> list[Row]:
+    """The rows a task can use (captions for caption/retrieve, a label for classify, ...)."""
+    need: dict[str, Callable[[Row], bool]] = {
+        "classify": lambda r: bool(r.label),
+        "retrieve": lambda r: bool(r.captions),
+        "caption": lambda r: bool(r.captions),
+        "vqa": lambda r: r.question is not None and r.answer is not None,
+        "ground": lambda r: bool(r.phrase) and bool(r.boxes),
+    }
+    kept = [r for r in rows if need[task](r)]
+    kept = kept[:limit] if limit is not None else kept
+    if not kept:
+        raise GeoChatError(f"no rows in the file can be used for '{task}' (see `geochat eval {task} --help`)")
+    return kept
+
+
+def _rgb(row: Row) -> np.ndarray:
+    from geochat.imagery import load_image
+
+    if not row.image.is_file():
+        raise GeoChatError(f"line {row.line}: image not found: {row.image}")
+    return load_image(row.image).rgb
+
+
+def match_label(answer: str, labels: Sequence[str]) -> str:
+    """The label a free-text answer names: exact, then contained, then closest spelling."""
+    norm = {label: normalize_answer(label.replace("_", " ")) for label in labels}
+    a = normalize_answer(answer)
+    for label, n in norm.items():
+        if a == n or a.replace(" ", "") == n.replace(" ", ""):
+            return label
+    contained = [label for label, n in norm.items() if n and (n in a or n.replace(" ", "") in a.replace(" ", ""))]
+    if contained:
+        return max(contained, key=lambda label: len(norm[label]))
+    close = difflib.get_close_matches(a, list(norm.values()), n=1, cutoff=0.0)
+    return next(label for label, n in norm.items() if close and n == close[0]) if close else labels[0]
+
+
+def classify_dual(rows: Sequence[Row], labels: Sequence[str], dual: Any, progress: bool = True) -> EvalResult:
+    label_emb = dual.embed_labels(labels)  # (L, D)
+    image_emb = dual.embed_images([_rgb(r) for r in tqdm(rows, desc="images", disable=not progress)])
+    predicted = [labels[i] for i in (image_emb @ label_emb.T).argmax(1)]
+    return _classification_result(rows, labels, predicted)
+
+
+def classify_vlm(rows: Sequence[Row], labels: Sequence[str], chat: Any, progress: bool = True) -> EvalResult:
+    predicted, raw = [], []
+    for r in tqdm(rows, desc="classify", disable=not progress):
+        answer = chat.chat(_rgb(r), "", task="classify", labels=list(labels), max_new_tokens=ANSWER_MAX_NEW_TOKENS)
+        raw.append(answer.answer)
+        predicted.append(match_label(answer.answer, labels))
+    return _classification_result(rows, labels, predicted, raw)
+
+
+def _classification_result(rows: Sequence[Row], labels: Sequence[str], predicted: list[str],
+                            raw: list[str] | None = None) -> EvalResult:
+    gold = [str(r.label) for r in rows]
+    unknown = sorted(set(gold) - set(labels))
+    if unknown:
+        raise GeoChatError(f"labels {unknown[:5]} occur in the file but not in --labels")
+    metrics = {"task": "classify", "n": len(rows), "accuracy": accuracy(predicted, gold),
+               "per_class": accuracy_by(predicted, gold, gold)}
+    preds = [{"image": str(r.image), "label": g, "predicted": p, **({"answer": raw[i]} if raw else {})}
+             for i, (r, g, p) in enumerate(zip(rows, gold, predicted))]
+    return EvalResult(metrics, preds, confusion_matrix(predicted, gold, labels), list(labels))
+
+
+def retrieve(rows: Sequence[Row], dual: Any, progress: bool = True) -> EvalResult:
+    image_emb = dual.embed_images([_rgb(r) for r in tqdm(rows, desc="images", disable=not progress)])
+    captions = [c for r in rows for c in r.captions]
+    caption_image = [i for i, r in enumerate(rows) for _ in r.captions]
+    caption_emb = dual.embed_texts(captions)
+    return EvalResult({"task": "retrieve", "n": len(rows), **retrieval_recalls(image_emb, caption_emb, caption_image)})
+
+
+def caption(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
+    candidates = []
+    for r in tqdm(rows, desc="caption", disable=not progress):
+        candidates.append(chat.chat(_rgb(r), "", task="caption", max_new_tokens=CAPTION_MAX_NEW_TOKENS).answer)
+    scores = caption_scores(candidates, [list(r.captions) for r in rows])
+    preds = [{"image": str(r.image), "caption": c, "reference": r.captions[0]} for r, c in zip(rows, candidates)]
+    return EvalResult({"task": "caption", "n": len(rows), **scores}, preds)
+
+
+def vqa(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
+    hits, types, preds = [], [], []
+    for r in tqdm(rows, desc="vqa", disable=not progress):
+        assert r.question is not None and r.answer is not None
+        answer = chat.chat(_rgb(r), r.question, max_new_tokens=ANSWER_MAX_NEW_TOKENS).answer
+        hits.append(vqa_match(answer, r.answer))
+        types.append(r.type or question_type(r.question, r.answer))
+        preds.append({"image": str(r.image), "question": r.question, "answer": r.answer, "predicted": answer})
+    ok = ["1" if h else "0" for h in hits]
+    per_type = accuracy_by(ok, ["1"] * len(ok), types)
+    return EvalResult({"task": "vqa", "n": len(rows), "accuracy": accuracy(ok, ["1"] * len(ok)),
+                       "per_type": per_type}, preds)
+
+
+def _pixel_box(values: Sequence[float]) -> Box:
+    x1, y1, x2, y2 = values[:4]
+    theta = values[4] if len(values) == 5 else 0.0
+    return Box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2), theta)
+
+
+def ground(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
+    predicted, reference, preds = [], [], []
+    for r in tqdm(rows, desc="ground", disable=not progress):
+        answer = chat.chat(_rgb(r), str(r.phrase), task="refer", max_new_tokens=GROUND_MAX_NEW_TOKENS)
+        boxes = [_pixel_box(b.pixel) for b in answer.boxes]
+        predicted.append(boxes)
+        reference.append([_pixel_box(b) for b in r.boxes])
+        preds.append({"image": str(r.image), "phrase": r.phrase, "raw": answer.raw,
+                      "predicted": [list(b.pixel) for b in answer.boxes], "reference": [list(b) for b in r.boxes]})
+    return EvalResult({"task": "ground", "n": len(rows), "acc@0.5": grounding_accuracy(predicted, reference)}, preds)
+
+
+def labels_of(rows: Sequence[Row], given: str | None) -> list[str]:
+    """`--labels "a,b"` as written, else the sorted set of labels in the file."""
+    if given:
+        labels = [s.strip() for s in given.split(",") if s.strip()]
+        if len(labels) < 2:
+            raise GeoChatError("--labels needs at least two comma-separated labels")
+        return labels
+    return sorted({str(r.label) for r in rows})
+
+
+def load_dual(model: str | None) -> Any:
+    """The dual encoder of an assistant/align directory, or of the shipped default."""
+    from geochat.engine import TRAINED_DEFAULT_DIR
+    from geochat.model.config import CONFIG_FILE, AssistantConfig
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.train.dual_encoder import DualEncoder, TextEncoder, load_tower
+
+    directory = Path(model) if model else TRAINED_DEFAULT_DIR
+    if (directory / "vision" / "model.safetensors").is_file():
+        tower = load_tower(directory)
+    elif model:
+        raise GeoChatError(f"'{model}' holds no trained vision tower (vision/model.safetensors)")
+    else:
+        log.warning("no trained default model ships yet: the dual encoder's head is untrained")
+        tower = GeoHybridVisionModel(GeoHybridVisionConfig())
+        tower.load_stem_weights()
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    if (directory / CONFIG_FILE).is_file():
+        cfg = AssistantConfig.load(directory)
+        mean, std = cfg.image_mean, cfg.image_std
+    return DualEncoder(tower, TextEncoder(), mean, std)

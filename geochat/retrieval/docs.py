@@ -1,0 +1,230 @@
+"""Index Markdown documentation (`knowledge/*.md`) into the store's `geochat_docs` collection.
+
+A document is read, its YAML front matter (title, topics, sources) goes into metadata and not into
+the text, then llama-index splits it:
+
+    Document ─► MarkdownNodeParser (one node per heading section) ─► drop heading-only sections
+    ─► SentenceSplitter (sections longer than MiniLM's window, counted in MiniLM tokens)
+    ─► embed "title: …\\nheading: …\\n\\n<section text>" ─► ChromaVectorStore.add
+
+Embedding the title and heading with each chunk (llama-index's embed metadata mode) is what lets a
+question such as "what is the revisit time of Sentinel-2" find a section whose sentences say "five
+days" without naming the mission. Each chunk keeps `source` ("knowledge/x.md"), `heading`, `title`
+and the file's `content_hash` as metadata.
+
+Re-indexing is incremental: a file whose hash (of its bytes and of `CHUNKING_VERSION`) matches the
+stored one is skipped, a changed file's chunks are deleted and re-added, a removed file's chunks are
+deleted. The collection mirrors one directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from geochat.errors import GeoChatError
+from geochat.retrieval.store import DOCS, IndexStore
+from geochat.retrieval.text import TextEmbedder
+
+# Bump when chunking changes: every file's hash changes with it, so the next run re-embeds all.
+CHUNKING_VERSION = "md-sections-v1"
+CHUNK_TOKENS = 256  # MiniLM's window (word pieces), metadata prefix included
+CHUNK_OVERLAP = 32
+BUNDLED_KNOWLEDGE = Path(__file__).resolve().parents[2] / "knowledge"
+_FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
+_HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+# Metadata that stays out of the embedded text and out of the prompt; title and heading go in.
+_HIDDEN_KEYS = ["source", "topics", "sources", "content_hash", "header_path"]
+
+
+@dataclass
+class IndexReport:
+    """What an indexing run did."""
+
+    files: int = 0
+    skipped: int = 0
+    embedded_files: list[str] = field(default_factory=list)
+    removed_files: list[str] = field(default_factory=list)
+    failed_files: list[str] = field(default_factory=list)
+    chunks_embedded: int = 0
+    total_records: int = 0
+    seconds: float = 0.0
+
+    def summary(self, what: str = "files") -> str:
+        rate = f", {self.chunks_embedded / self.seconds:.1f}/s" if self.chunks_embedded and self.seconds else ""
+        text = (
+            f"{self.files} {what}: {len(self.embedded_files)} embedded ({self.chunks_embedded} records{rate}), "
+            f"{self.skipped} unchanged, {len(self.removed_files)} removed; {self.total_records} records in the index"
+        )
+        if self.failed_files:
+            text += f"; {len(self.failed_files)} unreadable: {', '.join(self.failed_files[:5])}"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files": self.files, "skipped": self.skipped, "embedded_files": self.embedded_files,
+            "removed_files": self.removed_files, "failed_files": self.failed_files,
+            "chunks_embedded": self.chunks_embedded, "total_records": self.total_records,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def split_front_matter(text: str, name: str = "document") -> tuple[dict[str, Any], str]:
+    """(front-matter mapping, body) of a Markdown text; an absent front matter gives {}."""
+    m = _FRONT_MATTER.match(text)
+    if m is None:
+        return {}, text
+    try:
+        meta = yaml.safe_load(m.group(1)) or {}
+    except yaml.YAMLError as exc:
+        raise GeoChatError(f"{name}: the front matter is not valid YAML ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise GeoChatError(f"{name}: the front matter must be a mapping (title:, topics:, sources:)")
+    return meta, text[m.end():]
+
+
+def _as_text(value: Any, sep: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return sep.join(str(v) for v in value)
+    return str(value)
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256(CHUNKING_VERSION.encode())
+    h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def source_name(root: Path, path: Path) -> str:
+    """How a chunk names its file: the docs directory's name, then the path inside it."""
+    return f"{root.name}/{path.relative_to(root).as_posix()}"
+
+
+def load_document(path: Path, source: str, content_hash: str) -> Any:
+    """A llama-index `Document` of the body, with front matter as metadata."""
+    from llama_index.core import Document
+
+    meta, body = split_front_matter(path.read_text(encoding="utf-8"), source)
+    title = _as_text(meta.get("title"), " ").strip()
+    if not title:
+        first = next((m for m in map(_HEADING.match, body.splitlines()) if m), None)
+        title = first.group(2) if first else path.stem
+    return Document(
+        id_=source,
+        text=body,
+        metadata={
+            "source": source, "title": title, "topics": _as_text(meta.get("topics"), ", "),
+            "sources": _as_text(meta.get("sources"), "; "), "content_hash": content_hash,
+        },
+        excluded_embed_metadata_keys=list(_HIDDEN_KEYS),
+        excluded_llm_metadata_keys=list(_HIDDEN_KEYS),
+    )
+
+
+def chunk_document(document: Any, embedder: TextEmbedder) -> list[Any]:
+    """Heading sections of `document`, split to MiniLM's window, with `heading` metadata and stable ids."""
+    from llama_index.core.node_parser import MarkdownNodeParser, SentenceSplitter
+
+    sections = MarkdownNodeParser(include_prev_next_rel=False).get_nodes_from_documents([document])
+    kept = []
+    for node in sections:
+        lines = node.get_content().strip().splitlines()
+        m = _HEADING.match(lines[0]) if lines else None
+        heading = m.group(2) if m else document.metadata["title"]
+        body = "\n".join(lines[1:] if m else lines).strip()
+        if not body:  # a heading directly followed by a sub-heading: nothing to retrieve
+            continue
+        node.set_content(body)
+        node.metadata["heading"] = heading
+        kept.append(node)
+    splitter = SentenceSplitter(
+        chunk_size=CHUNK_TOKENS, chunk_overlap=CHUNK_OVERLAP, tokenizer=embedder.count_tokens,
+        include_prev_next_rel=False,
+    )
+    chunks = splitter.get_nodes_from_documents(kept)
+    source = document.metadata["source"]
+    for i, chunk in enumerate(chunks):
+        chunk.id_ = f"{source}#{i}"
+    return chunks
+
+
+def _stored_hashes(col: Any) -> dict[str, str]:
+    """source → content hash of the chunks already in the collection."""
+    got = col.get(include=["metadatas"])
+    return {m["source"]: m.get("content_hash", "") for m in got["metadatas"] or [] if m and "source" in m}
+
+
+def find_docs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise GeoChatError(f"documentation directory not found: {root}")
+    return sorted(p for p in root.rglob("*.md") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def index_docs(
+    store: IndexStore,
+    root: Path,
+    embedder: TextEmbedder | None = None,
+    rebuild: bool = False,
+    progress: bool = True,
+) -> IndexReport:
+    """Bring the docs collection in line with the Markdown files under `root` (incrementally)."""
+    from llama_index.vector_stores.chroma import ChromaVectorStore
+
+    start = time.perf_counter()
+    root = root.resolve()
+    embedder = embedder or TextEmbedder()
+    paths = find_docs(root)
+    if rebuild:
+        store.drop(DOCS)
+    col = store.writable_collection(DOCS, embedder.name, embedder.dim)
+    vector_store = ChromaVectorStore(chroma_collection=col)
+    stored = _stored_hashes(col)
+    report = IndexReport(files=len(paths))
+    todo: list[tuple[Path, str, str]] = []
+    for path in paths:
+        source, digest = source_name(root, path), file_hash(path)
+        if stored.get(source) == digest:
+            report.skipped += 1
+        else:
+            todo.append((path, source, digest))
+    current = {source_name(root, p) for p in paths}
+    report.removed_files = sorted(set(stored) - current)
+    for source in [*report.removed_files, *(s for _, s, _ in todo if s in stored)]:
+        col.delete(where={"source": source})
+    chunks = [c for path, source, digest in todo for c in chunk_document(load_document(path, source, digest), embedder)]
+    _embed_and_add(vector_store, chunks, embedder, progress)
+    report.embedded_files = [s for _, s, _ in todo]
+    report.chunks_embedded = len(chunks)
+    report.total_records = store.finish(col)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _embed_and_add(vector_store: Any, chunks: Sequence[Any], embedder: TextEmbedder, progress: bool) -> None:
+    from llama_index.core.schema import MetadataMode
+
+    bar = tqdm(total=len(chunks), desc="embedding docs", unit="chunk", disable=not progress or not chunks,
+               file=sys.stderr)
+    for batch in _batches(chunks, 64):
+        vectors = embedder.embed_texts([c.get_content(metadata_mode=MetadataMode.EMBED) for c in batch])
+        for chunk, vector in zip(batch, vectors):
+            chunk.embedding = vector.tolist()
+        vector_store.add(list(batch))
+        bar.update(len(batch))
+    bar.close()
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,178 @@
+"""The engine's view of retrieval: passages for a question, archive images for a text or an image.
+
+`GeoChat.retriever` is a `Retriever`; `chat()` calls `search(question)` and puts the passages in the
+prompt as quoted, delimited data (`geochat.prompting.render_passages`). Scores are cosine
+similarities (1 - chromadb's cosine distance), higher is closer.
+
+Image queries use the embedder recorded in the images collection, never the current default, so a
+query vector always lives in the same space as the stored ones. Text→image search goes through the
+image embedder's text side where it has one (the trained dual encoder shares MiniLM's space), else
+through the MiniLM embeddings of the images' captions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geochat.errors import GeoChatError
+from geochat.prompting import Passage, label_passages
+from geochat.retrieval.docs import BUNDLED_KNOWLEDGE, IndexReport
+from geochat.retrieval.store import CAPTIONS, DOCS, IMAGES, IndexStore, StoreLocation
+from geochat.retrieval.text import TextEmbedder
+
+DEFAULT_K = 4
+
+
+@dataclass(frozen=True)
+class ImageHit:
+    path: str
+    score: float
+    metadata: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "score": self.score, "metadata": self.metadata}
+
+
+class Retriever:
+    """Searches one open `IndexStore`; the embedders load on first use."""
+
+    def __init__(self, store: IndexStore, k: int = DEFAULT_K, text_embedder: TextEmbedder | None = None) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.store = store
+        self.k = k
+        self._text = text_embedder
+
+    @property
+    def text_embedder(self) -> TextEmbedder:
+        if self._text is None:
+            self._text = TextEmbedder()
+        return self._text
+
+    @cached_property
+    def _docs(self) -> Any | None:
+        return self.store.collection(DOCS)
+
+    @cached_property
+    def _images(self) -> Any | None:
+        return self.store.collection(IMAGES)
+
+    @cached_property
+    def _captions(self) -> Any | None:
+        return self.store.collection(CAPTIONS)
+
+    @cached_property
+    def image_embedder(self) -> Any | None:
+        """The embedder that filled the images collection (None without one)."""
+        from geochat.retrieval.images import image_embedder_from_name
+
+        if self._images is None:
+            return None
+        return image_embedder_from_name(str(self._images.metadata["geochat_embedder"]))
+
+    @property
+    def has_docs(self) -> bool:
+        return self._docs is not None and self._docs.count() > 0
+
+    # -- documentation ----------------------------------------------------------------------------
+
+    def search(self, query: str, k: int | None = None) -> list[Passage]:
+        """The `k` passages closest to `query`, labelled S1..Sk; [] where no docs are indexed."""
+        if self._docs is None or not query.strip():
+            return []
+        vector = self.text_embedder.embed_query(query)
+        res = self._docs.query(query_embeddings=[vector.tolist()], n_results=k or self.k,
+                               include=["documents", "metadatas", "distances"])
+        passages = [
+            Passage(id="S0", source=str(meta.get("source", "")), heading=str(meta.get("heading", "")),
+                    text=doc or "", score=round(1.0 - float(dist), 4))
+            for doc, meta, dist in zip(res["documents"][0], res["metadatas"][0], res["distances"][0])
+        ]
+        return label_passages(passages)
+
+    # -- images ----------------------------------------------------------------------------------
+
+    def search_images(self, text: str, k: int | None = None) -> list[ImageHit]:
+        """Archive images for a text: the embedder's text side, else the images' captions."""
+        if self._images is None or not text.strip():
+            return []
+        embedder = self.image_embedder
+        if embedder is not None and embedder.has_text_side:
+            return self._query_images(self._images, embedder.embed_text(text), k)
+        if self._captions is None:
+            return []
+        return self._query_images(self._captions, self.text_embedder.embed_query(text), k)
+
+    def similar_images(self, image: str | Path | np.ndarray, k: int | None = None) -> list[ImageHit]:
+        """Archive images closest to `image` (a path or an (h, w, 3) uint8 RGB array)."""
+        if self._images is None:
+            return []
+        from geochat.retrieval.images import load_rgb
+
+        embedder = self.image_embedder
+        assert embedder is not None
+        rgb = load_rgb(Path(image)) if isinstance(image, (str, Path)) else image
+        return self._query_images(self._images, embedder.embed_images([rgb])[0], k)
+
+    def _query_images(self, col: Any, vector: np.ndarray, k: int | None) -> list[ImageHit]:
+        n = col.count()
+        if n == 0:
+            return []
+        res = col.query(query_embeddings=[vector.tolist()], n_results=min(k or self.k, n),
+                        include=["metadatas", "distances"])
+        ids = res["ids"][0]
+        # Caption hits point at their image's record, which holds the full metadata.
+        records = self._images.get(ids=ids, include=["metadatas"]) if col is not self._images else None
+        by_id = dict(zip(records["ids"], records["metadatas"])) if records is not None else {}
+        hits = []
+        for rid, meta, dist in zip(ids, res["metadatas"][0], res["distances"][0]):
+            meta = by_id.get(rid, meta) or {}
+            hits.append(ImageHit(path=str(meta.get("path", "")), score=round(1.0 - float(dist), 4),
+                                 metadata=public_image_metadata(meta)))
+        return hits
+
+
+def public_image_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """Stored image metadata as users see it: JSON-decoded bounds, no bookkeeping keys, no empty values."""
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if key in ("content_hash", "path") or value in ("", None):
+            continue
+        if key == "bounds_lonlat":
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+def open_retriever(store: IndexStore, k: int = DEFAULT_K) -> Retriever:
+    retriever = Retriever(store, k=k)
+    if retriever._docs is None and retriever._images is None:
+        raise GeoChatError(f"the index at {store.location} is empty: run `geochat index docs` first")
+    return retriever
+
+
+def ensure_retriever(
+    location: StoreLocation, docs_root: Path | None = BUNDLED_KNOWLEDGE, k: int = DEFAULT_K, progress: bool = True
+) -> tuple[Retriever | None, IndexReport | None]:
+    """A retriever over `location`, first indexing `docs_root` there when it holds no docs collection.
+
+    Returns (None, None) when there is neither an index nor a docs directory to build one from; a
+    broken index raises `CorruptIndexError` (never silently rebuilt: it may hold an image archive).
+    """
+    from geochat.retrieval.docs import index_docs
+
+    if not IndexStore.exists(location) and (docs_root is None or not docs_root.is_dir()):
+        return None, None
+    store = IndexStore.open(location, create=True)
+    retriever = Retriever(store, k=k)
+    report = None
+    if retriever._docs is None and docs_root is not None and docs_root.is_dir():
+        report = index_docs(store, docs_root, embedder=retriever.text_embedder, progress=progress)
+        del retriever.__dict__["_docs"]  # re-read the now finished collection
+    return retriever, report

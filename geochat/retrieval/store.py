@@ -1,0 +1,251 @@
+"""Where the retrieval collections live: a chromadb store on disk (or a chroma server), checked on open.
+
+One store holds up to three collections: `geochat_docs` (documentation chunks, MiniLM),
+`geochat_images` (image embeddings, by whichever image embedder indexed them) and
+`geochat_image_captions` (MiniLM embeddings of the images' captions, for text→image search when the
+image embedder has no text side).
+
+How a broken store is recognised, so that a search never answers from half an index:
+
+- a local store directory carries `geochat-index.json` (format name and version), written before
+  chromadb creates anything; a non-empty directory without it, or with an unknown one, is refused;
+- chromadb itself refuses a `chroma.sqlite3` that is not a database (e.g. garbage written into it);
+- every collection records in its metadata which embedder filled it (and the vector size), whether
+  the last indexing run finished (`geochat_complete`) and how many records it left
+  (`geochat_count`); an interrupted run or a record count that differs is refused.
+
+Each refusal is a `CorruptIndexError` that names the fix, `geochat index docs --rebuild`. A rebuild
+deletes only what chromadb and geochat wrote (it refuses a directory holding anything else).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import chromadb
+from chromadb.api.client import SharedSystemClient
+from chromadb.errors import ChromaError, NotFoundError
+
+from geochat.errors import GeoChatError
+from geochat.paths import cache_root
+
+INDEX_ENV = "GEOCHAT_INDEX"
+MANIFEST = "geochat-index.json"
+FORMAT = "geochat-index"
+FORMAT_VERSION = 1
+REBUILD_HINT = "run `geochat index docs --rebuild` (and `geochat index images DIR --rebuild` for an image archive)"
+
+DOCS = "geochat_docs"
+IMAGES = "geochat_images"
+CAPTIONS = "geochat_image_captions"
+COLLECTIONS = (DOCS, IMAGES, CAPTIONS)
+
+
+class CorruptIndexError(GeoChatError):
+    """The store is unreadable, half-written or not a geochat index; the message says how to rebuild."""
+
+
+class MixedEmbedderError(GeoChatError):
+    """A collection filled by one embedder was asked to take vectors from another."""
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A local directory (`path`) or a chroma server (`host`, `port`); exactly one of the two."""
+
+    path: Path | None = None
+    host: str | None = None
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.host is None):
+            raise ValueError("a store location is either a path or a host (with a port)")
+        if self.host is not None and not (self.port and 0 < self.port < 65536):
+            raise ValueError(f"a chroma server needs a port in 1..65535, got {self.port!r}")
+
+    @classmethod
+    def resolve(cls, index_dir: str | Path | None = None, host: str | None = None, port: int | None = None) -> StoreLocation:
+        """`--chroma-host/--chroma-port`, else `--index-dir`, else `$GEOCHAT_INDEX`, else `<cache>/index`."""
+        if host:
+            return cls(host=host, port=port or 8000)
+        if port:
+            raise GeoChatError("--chroma-port needs --chroma-host")
+        chosen = index_dir or os.environ.get(INDEX_ENV) or cache_root() / "index"
+        return cls(path=Path(chosen).expanduser().resolve())
+
+    def __str__(self) -> str:
+        return str(self.path) if self.path is not None else f"chroma server {self.host}:{self.port}"
+
+
+def _chroma_owned(entry: Path) -> bool:
+    """True for what chromadb writes into its directory: the sqlite file (and journals), segment dirs."""
+    if entry.name.startswith("chroma.sqlite3"):
+        return True
+    try:
+        uuid.UUID(entry.name)
+    except ValueError:
+        return False
+    return entry.is_dir()
+
+
+class IndexStore:
+    """An open chromadb client plus geochat's checks on its collections."""
+
+    def __init__(self, location: StoreLocation, client: Any) -> None:
+        self.location = location
+        self.client = client
+
+    # -- opening --------------------------------------------------------------------------------
+
+    @staticmethod
+    def exists(location: StoreLocation) -> bool:
+        """Whether a local store directory has anything in it (a server always 'exists')."""
+        if location.path is None:
+            return True
+        return location.path.is_dir() and any(location.path.iterdir())
+
+    @classmethod
+    def open(cls, location: StoreLocation, create: bool = False) -> IndexStore:
+        """Open the store; `create` makes a new local store where none is. Raises `CorruptIndexError`."""
+        settings = chromadb.Settings(anonymized_telemetry=False)
+        if location.path is None:
+            try:
+                client = chromadb.HttpClient(host=location.host, port=location.port, settings=settings)
+                client.heartbeat()
+            except (ChromaError, ValueError, OSError) as exc:
+                raise GeoChatError(f"cannot reach the {location}: {exc}") from exc
+            return cls(location, client)
+        path = location.path
+        if not cls.exists(location):
+            if not create:
+                raise GeoChatError(f"no index at {path}: run `geochat index docs` first")
+            path.mkdir(parents=True, exist_ok=True)
+            _write_manifest(path)
+        _check_manifest(path)
+        try:
+            client = chromadb.PersistentClient(path=str(path), settings=settings)
+            client.list_collections()
+        except ChromaError as exc:
+            raise CorruptIndexError(f"the index at {path} is unreadable ({exc}); {REBUILD_HINT}") from exc
+        return cls(location, client)
+
+    # -- collections ----------------------------------------------------------------------------
+
+    def collection(self, name: str) -> Any | None:
+        """A finished, consistent collection, or None where it does not exist."""
+        try:
+            col = self.client.get_collection(name, embedding_function=None)
+        except NotFoundError:
+            return None
+        except ChromaError as exc:
+            raise CorruptIndexError(f"collection {name} in {self.location} is unreadable ({exc}); {REBUILD_HINT}") from exc
+        meta = col.metadata or {}
+        if meta.get("geochat_complete") is not True:
+            raise CorruptIndexError(
+                f"collection {name} in {self.location} was half-written (an indexing run did not finish); {REBUILD_HINT}"
+            )
+        try:
+            count = col.count()
+        except ChromaError as exc:
+            raise CorruptIndexError(f"collection {name} in {self.location} is unreadable ({exc}); {REBUILD_HINT}") from exc
+        if count != meta.get("geochat_count"):
+            raise CorruptIndexError(
+                f"collection {name} in {self.location} holds {count} records, its manifest says "
+                f"{meta.get('geochat_count')}; {REBUILD_HINT}"
+            )
+        return col
+
+    def writable_collection(self, name: str, embedder: str, dim: int) -> Any:
+        """Get or create `name` for writing with `embedder`; marks it unfinished until `finish()`."""
+        try:
+            col = self.client.get_collection(name, embedding_function=None)
+        except NotFoundError:
+            col = self.client.create_collection(
+                name, configuration={"hnsw": {"space": "cosine"}}, embedding_function=None,
+                metadata=_meta(embedder, dim, complete=False, count=0),
+            )
+            return col
+        meta = col.metadata or {}
+        if meta.get("geochat_embedder") != embedder or meta.get("geochat_dim") != dim:
+            raise MixedEmbedderError(
+                f"collection {name} in {self.location} holds vectors from {meta.get('geochat_embedder')!r} "
+                f"({meta.get('geochat_dim')}-d); this run embeds with {embedder!r} ({dim}-d) and embedders "
+                f"cannot be mixed in one collection: re-index with --rebuild"
+            )
+        if meta.get("geochat_complete") is not True:
+            raise CorruptIndexError(
+                f"collection {name} in {self.location} was half-written (an indexing run did not finish); {REBUILD_HINT}"
+            )
+        col.modify(metadata=_meta(embedder, dim, complete=False, count=meta.get("geochat_count", 0)))
+        return col
+
+    def finish(self, col: Any) -> int:
+        """Mark a collection finished and record its size; returns the number of records."""
+        meta = dict(col.metadata or {})
+        count = col.count()
+        col.modify(metadata={**meta, "geochat_complete": True, "geochat_count": count})
+        return count
+
+    def drop(self, name: str) -> None:
+        try:
+            self.client.delete_collection(name)
+        except NotFoundError:
+            pass
+
+    def embedder_of(self, name: str) -> str | None:
+        col = self.collection(name)
+        return None if col is None else str((col.metadata or {}).get("geochat_embedder"))
+
+
+def _meta(embedder: str, dim: int, complete: bool, count: int) -> dict[str, Any]:
+    return {"geochat_embedder": embedder, "geochat_dim": dim, "geochat_complete": complete, "geochat_count": count}
+
+
+def _write_manifest(path: Path) -> None:
+    tmp = path / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION}) + "\n")
+    tmp.replace(path / MANIFEST)
+
+
+def _check_manifest(path: Path) -> None:
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CorruptIndexError(
+            f"{path} is not a geochat index or was half-written (no {MANIFEST}); {REBUILD_HINT}"
+        )
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptIndexError(f"{manifest} is unreadable ({exc}); {REBUILD_HINT}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != FORMAT_VERSION:
+        raise CorruptIndexError(
+            f"{manifest} is not a geochat index manifest of version {FORMAT_VERSION} (found {data!r}); {REBUILD_HINT}"
+        )
+
+
+def wipe_store(location: StoreLocation) -> None:
+    """Delete a local store's files (only those chromadb and geochat write) so it can be rebuilt."""
+    path = location.path
+    if path is None:
+        raise GeoChatError("a chroma server's store cannot be wiped from here; drop its collections instead")
+    if not path.exists():
+        return
+    foreign = [e.name for e in path.iterdir() if e.name not in (MANIFEST, f".{MANIFEST}.tmp") and not _chroma_owned(e)]
+    if foreign:
+        raise GeoChatError(
+            f"refusing to rebuild {path}: it holds files geochat did not write ({', '.join(sorted(foreign)[:5])}); "
+            f"choose another --index-dir or remove them"
+        )
+    # chromadb caches one system per path; drop it so the files are closed before they are deleted.
+    SharedSystemClient.clear_system_cache()
+    for entry in path.iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()

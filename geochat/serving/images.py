@@ -1,0 +1,128 @@
+"""Images that arrive from outside: data URLs, server-side paths and uploads, checked against limits.
+
+The engine trusts its caller; a server must not. Before any pixel is decoded this module checks
+that a data URL is well-formed base64 of at most `max_upload_bytes`, that a path lies inside one of
+`allowed_image_dirs` (after resolving symlinks and `..`, so `examples/../../etc/passwd` is refused),
+and that the raster's header declares at most `max_image_pixels`. Each refusal is its own
+`GeoChatError` subclass, so the API can answer with the right status code (400/403/413).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from geochat.errors import GeoChatError, ImageryError
+from geochat.imagery import LoadedImage, load_image, read_info
+from geochat.serving.limits import ServingSettings
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
+
+
+class BadImageReferenceError(GeoChatError):
+    """The image reference is not a data URL or a path (or is a malformed one)."""
+
+
+class ImageAccessError(GeoChatError):
+    """The path points outside the directories the server may read."""
+
+
+class ImageTooLargeError(ImageryError):
+    """The file is bigger than `max_upload_bytes` or the raster has more than `max_image_pixels`."""
+
+
+def decode_data_url(url: str, settings: ServingSettings) -> bytes:
+    """The bytes of a base64 `data:` URL, refused when malformed or larger than `max_upload_bytes`."""
+    m = _DATA_URL.match(url)
+    if m is None or not m.group("b64"):
+        raise BadImageReferenceError(
+            "image data URL must look like data:image/png;base64,<base64 data> (base64 encoding is required)"
+        )
+    payload = url[m.end():]
+    if len(payload) * 3 // 4 > settings.max_upload_bytes:
+        raise ImageTooLargeError(
+            f"image is about {len(payload) * 3 // 4:,} bytes, more than max_upload_bytes="
+            f"{settings.max_upload_bytes:,}"
+        )
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadImageReferenceError(f"image data URL holds invalid base64 ({exc})") from exc
+    if not data:
+        raise BadImageReferenceError("image data URL is empty")
+    return data
+
+
+def resolve_image_path(reference: str, settings: ServingSettings) -> Path:
+    """A readable file inside `allowed_image_dirs`.
+
+    Relative paths are tried against each allowed directory, then the working directory; the
+    resolved real path must lie inside an allowed directory either way.
+    """
+    text = reference.removeprefix("file://")
+    path = Path(text).expanduser()
+    candidates = [path] if path.is_absolute() else [*(d / path for d in settings.allowed_image_dirs), path]
+    allowed_dirs = ", ".join(str(d) for d in settings.allowed_image_dirs) or "(none)"
+    for candidate in candidates:
+        real = candidate.resolve()
+        if not any(real.is_relative_to(d) for d in settings.allowed_image_dirs):
+            continue
+        if real.is_file():
+            return real
+    if any(c.resolve().is_relative_to(d) for c in candidates for d in settings.allowed_image_dirs):
+        raise BadImageReferenceError(f"image file not found: {reference}")
+    raise ImageAccessError(
+        f"image path {reference!r} is outside the directories this server may read ({allowed_dirs}); "
+        "send the image as a data URL instead"
+    )
+
+
+def image_source(reference: str, settings: ServingSettings) -> bytes | Path:
+    """Bytes for a data URL, a checked path for anything else; remote URLs are not fetched."""
+    reference = reference.strip()
+    if reference.lower().startswith("data:"):
+        return decode_data_url(reference, settings)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", reference, re.I) and not reference.lower().startswith("file://"):
+        raise BadImageReferenceError(
+            "the server does not fetch remote URLs; send the image as a data URL "
+            "(data:image/png;base64,...) or a path under an allowed directory"
+        )
+    if not reference:
+        raise BadImageReferenceError("image reference is empty")
+    return resolve_image_path(reference, settings)
+
+
+def open_image(
+    source: bytes | Path,
+    settings: ServingSettings,
+    bands: Sequence[int] | str | None = None,
+    sensor: str | None = None,
+) -> LoadedImage:
+    """Check size limits, then read the RGB view (long side <= `max_preview_size`) and facts."""
+    size = len(source) if isinstance(source, bytes) else source.stat().st_size
+    if size > settings.max_upload_bytes:
+        raise ImageTooLargeError(
+            f"image file is {size:,} bytes, more than max_upload_bytes={settings.max_upload_bytes:,}"
+        )
+    info = read_info(source)
+    if info.width * info.height > settings.max_image_pixels:
+        raise ImageTooLargeError(
+            f"the raster is {info.width}×{info.height} = {info.width * info.height:,} pixels, more than "
+            f"this server's max_image_pixels={settings.max_image_pixels:,}; cut a window out first "
+            "(e.g. gdal_translate -srcwin) or ask the operator to raise the limit"
+        )
+    return load_image(source, bands=bands or None, sensor=sensor or None, max_size=settings.max_preview_size,
+                      max_pixels=settings.max_image_pixels)
+
+
+def parse_bands(text: str | None) -> list[int] | str | None:
+    """Band numbers typed as "4,3,2" (or "4 3 2"); names like "B4,B3,B2" pass through as text."""
+    if text is None or not text.strip():
+        return None
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if all(p.isdigit() for p in parts):
+        return [int(p) for p in parts]
+    return ",".join(parts)

@@ -1,0 +1,256 @@
+"""What the app does for one browser tab, without Gradio: open an image, pick a region, ask, start over.
+
+Each tab owns a `ChatSession` (kept in `gr.State`, so tabs never share images or chats); the
+`SessionLogic` methods take a session and return or yield it updated. Gradio's event wiring lives in
+`ui.py`; here everything is a plain function of plain values, which the tests call directly.
+
+Errors: anything the user can fix raises `GeoChatError` with a message meant for them; a failure
+inside the model is logged with its traceback and re-raised as `AnswerFailedError` with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from geochat.answer import Answer, BoxResult
+from geochat.engine import GeoChat
+from geochat.errors import GeoChatError
+from geochat.imagery import LoadedImage
+from geochat.prompting import Task
+from geochat.serving.images import open_image, parse_bands
+from geochat.serving.limits import ServingSettings
+from geochat.serving.render import annotate, live_split, safe_stem
+
+logger = logging.getLogger(__name__)
+
+SIMILAR_IMAGES_K = 4
+NEEDS_IMAGE = (Task.CAPTION, Task.CLASSIFY, Task.REFER, Task.GROUNDING, Task.IDENTIFY)
+CORNER_MARK_PX = 4  # half-size, in preview pixels, of the mark left by the first click of a region
+
+Message = dict[str, Any]  # a Chatbot message: {"role", "content"[, "metadata"]}
+
+
+class AnswerFailedError(GeoChatError):
+    """The model raised something other than a GeoChatError while answering."""
+
+
+@dataclass
+class AskOptions:
+    """The task controls next to the chat box."""
+
+    task: str = "chat"
+    cot: bool = False
+    labels: str = ""                                        # classify: comma-separated options
+    region: tuple[float, float, float, float] | None = None  # identify: pixels of the original raster
+
+
+@dataclass
+class ChatSession:
+    """One tab's image, conversation and selection."""
+
+    image_name: str | None = None
+    loaded: LoadedImage | None = None
+    answers: list[Answer] = field(default_factory=list)     # earlier turns, passed back as history
+    transcript: list[Message] = field(default_factory=list)
+    boxes: list[BoxResult] = field(default_factory=list)    # of the last answer
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    similar: list[tuple[Any, str | None]] = field(default_factory=list)  # (image or path, caption)
+    corner: tuple[float, float] | None = None               # first click of a region, original pixels
+    region: tuple[float, float, float, float] | None = None
+    geojson_path: str | None = None
+    status: str = ""                                        # a one-line note under the chat
+
+
+class SessionLogic:
+    """The app's behaviour over one shared engine; holds no per-user state itself."""
+
+    def __init__(self, gc: GeoChat, settings: ServingSettings, download_dir: Path) -> None:
+        self.gc = gc
+        self.settings = settings
+        self.download_dir = download_dir
+        download_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- image --------------------------------------------------------------------------------
+
+    def open(self, path: str | Path | None, sensor: str | None = None, bands: str | None = None) -> ChatSession:
+        """A fresh session for the file at `path` (an empty one for None)."""
+        if path is None:
+            return ChatSession()
+        path = Path(path)
+        loaded = open_image(path, self.settings, bands=parse_bands(bands), sensor=sensor or None)
+        session = ChatSession(image_name=path.name, loaded=loaded)
+        session.similar = self._similar(loaded)
+        return session
+
+    def _similar(self, loaded: LoadedImage) -> list[tuple[Any, str | None]]:
+        """Archive images like this one, when the retriever offers `similar_images(rgb, k)`.
+
+        The retriever is optional and built elsewhere: items may be a path, a (path, caption) pair or
+        a dict with "path"/"image" and "caption". A failure here must not break the chat.
+        """
+        finder = getattr(self.gc.retriever, "similar_images", None) if self.gc.retriever is not None else None
+        if finder is None:
+            return []
+        try:
+            items = finder(loaded.rgb, k=SIMILAR_IMAGES_K)
+        except Exception:  # an optional panel: log it, show nothing
+            logger.exception("similar_images failed")
+            return []
+        out: list[tuple[Any, str | None]] = []
+        for item in items or ():
+            if isinstance(item, dict):
+                out.append((item.get("path") or item.get("image"), item.get("caption")))
+            elif isinstance(item, tuple | list):
+                out.append((item[0], str(item[1]) if len(item) > 1 and item[1] is not None else None))
+            else:
+                out.append((item, None))
+        return [(img, cap) for img, cap in out if img is not None]
+
+    def view(self, session: ChatSession) -> Image.Image | None:
+        """The preview with the last answer's boxes, the selected region and a pending corner."""
+        if session.loaded is None:
+            return None
+        image = annotate(session.loaded, session.boxes, session.region)
+        if session.corner is not None:
+            from PIL import ImageDraw
+
+            s, r = session.loaded.scale, CORNER_MARK_PX
+            x, y = session.corner[0] / s, session.corner[1] / s
+            ImageDraw.Draw(image).ellipse([x - r, y - r, x + r, y + r], outline=(255, 255, 255), width=2)
+        return image
+
+    # -- region -------------------------------------------------------------------------------
+
+    def pick(self, session: ChatSession, x: float, y: float) -> ChatSession:
+        """A click on the preview at (x, y): the first click sets a corner, the second the region."""
+        if session.loaded is None:
+            raise GeoChatError("upload an image before choosing a region")
+        w, h, s = session.loaded.info.width, session.loaded.info.height, session.loaded.scale
+        point = (min(max(x * s, 0.0), float(w)), min(max(y * s, 0.0), float(h)))
+        if session.corner is None:
+            session.corner, session.region = point, None
+            return session
+        (x1, y1), (x2, y2) = session.corner, point
+        if abs(x2 - x1) < s or abs(y2 - y1) < s:  # a double click, not a box
+            session.corner = point
+            return session
+        session.corner = None
+        session.region = (round(min(x1, x2), 1), round(min(y1, y2), 1), round(max(x1, x2), 1), round(max(y1, y2), 1))
+        return session
+
+    def set_region(self, session: ChatSession, values: Sequence[float | None]) -> ChatSession:
+        """Region typed as x1, y1, x2, y2 (pixels); any empty field clears it."""
+        if any(v is None for v in values):
+            session.region = None
+            return session
+        x1, y1, x2, y2 = (float(v) for v in values if v is not None)
+        session.corner = None
+        session.region = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+        return session
+
+    # -- chat ---------------------------------------------------------------------------------
+
+    def reset(self, session: ChatSession) -> ChatSession:
+        """Start over: same image, empty conversation, no boxes or region."""
+        return ChatSession(image_name=session.image_name, loaded=session.loaded, similar=session.similar)
+
+    def ask(self, session: ChatSession, message: str, options: AskOptions) -> Iterator[ChatSession]:
+        """Stream one turn: yields the session as text arrives, then once more with the final answer."""
+        task, labels, region = self._check(session, message, options)
+        base = [*session.transcript, {"role": "user", "content": _shown_question(message, task, labels, region)}]
+        session.transcript = [*base, {"role": "assistant", "content": "…"}]
+        yield session
+        stream = self.gc.stream(
+            session.loaded, message, history=[a.as_turn() for a in session.answers], task=task,
+            cot=options.cot, region=region, labels=labels,
+        )
+        raw = ""
+        try:
+            for piece in stream:
+                raw += piece
+                reasoning, text = live_split(raw, options.cot)
+                session.transcript = [*base, *_assistant_messages(reasoning, text or "…", done=False)]
+                yield session
+        except GeoChatError as exc:
+            session.transcript = [*base, _error_message(str(exc))]
+            raise
+        except Exception as exc:  # the face boundary: the user gets one line, the log the traceback
+            logger.exception("answering failed")
+            message = f"the model failed while answering ({type(exc).__name__}: {exc})"
+            session.transcript = [*base, _error_message(message)]
+            raise AnswerFailedError(message) from exc
+        answer = stream.answer
+        assert answer is not None
+        session.answers = [*session.answers, answer]
+        session.boxes, session.sources = list(answer.boxes), list(answer.sources)
+        session.geojson_path = self._write_geojson(session, answer)
+        text = answer.answer or "(no answer text)"
+        if answer.boxes:
+            text += f"\n\n*{len(answer.boxes)} box{'es' if len(answer.boxes) != 1 else ''} drawn on the image.*"
+        session.transcript = [*base, *_assistant_messages(answer.reasoning, text, done=True)]
+        t = answer.timings
+        session.status = f"model `{answer.model.name}` · first token {t.ttft_s:.2f} s · total {t.total_s:.2f} s"
+        yield session
+
+    def _check(
+        self, session: ChatSession, message: str, options: AskOptions
+    ) -> tuple[Task, list[str] | None, tuple[float, float, float, float] | None]:
+        try:
+            task = Task(options.task)
+        except ValueError:
+            raise GeoChatError(f"unknown task {options.task!r}; choose one of {[t.value for t in Task]}") from None
+        if len(message) > self.settings.max_prompt_chars:
+            raise GeoChatError(f"the message is {len(message):,} characters; the limit is {self.settings.max_prompt_chars:,}")
+        if task in NEEDS_IMAGE and session.loaded is None:
+            raise GeoChatError(f"the {task.value} task needs an image: upload one or pick an example first")
+        if task is Task.CHAT and not message.strip():
+            raise GeoChatError("type a question first")
+        if task is Task.REFER and not message.strip():
+            raise GeoChatError("type the thing to locate, e.g. 'the airport' or 'ships near the pier'")
+        region = options.region if task is Task.IDENTIFY else None
+        if task is Task.IDENTIFY and region is None:
+            raise GeoChatError("the identify task needs a region: click two opposite corners on the image, "
+                               "or type x1, y1, x2, y2 in pixels")
+        labels = [s.strip() for s in options.labels.split(",") if s.strip()] if task is Task.CLASSIFY else []
+        return task, labels or None, region
+
+    def _write_geojson(self, session: ChatSession, answer: Answer) -> str | None:
+        if not answer.geojson or not answer.geojson.get("features"):
+            return None
+        path = self.download_dir / f"{safe_stem(session.image_name)}-boxes-{uuid.uuid4().hex[:8]}.geojson"
+        path.write_text(json.dumps(answer.geojson, indent=1), encoding="utf-8")
+        return str(path)
+
+
+def _shown_question(message: str, task: Task, labels: list[str] | None, region: Sequence[float] | None) -> str:
+    text = message.strip()
+    if task is Task.CHAT:
+        return text
+    detail = ""
+    if labels:
+        detail = f" (options: {', '.join(labels)})"
+    if region is not None:
+        detail = f" (region {', '.join(f'{v:g}' for v in region[:4])})"
+    return f"**{task.value}**{detail}" + (f": {text}" if text else "")
+
+
+def _assistant_messages(reasoning: str | None, text: str, done: bool) -> list[Message]:
+    messages: list[Message] = []
+    if reasoning:
+        # A Chatbot "thought": folded once the answer is complete, open while it streams.
+        messages.append({"role": "assistant", "content": reasoning,
+                         "metadata": {"title": "Reasoning", "status": "done" if done else "pending"}})
+    messages.append({"role": "assistant", "content": text})
+    return messages
+
+
+def _error_message(text: str) -> Message:
+    return {"role": "assistant", "content": f"⚠️ **Could not answer:** {text}"}

@@ -1,0 +1,124 @@
+"""The dual encoder: the hybrid tower's pooled head ↔ frozen MiniLM sentence embeddings.
+
+Images and text share MiniLM's 384-d space: the text side is all-MiniLM-L6-v2 as shipped (frozen,
+L2-normalised), the image side is the tower's `pooler_output` (mean of its patch tokens through a
+linear head), trained contrastively by the align stage to land next to the image's captions. That
+one space serves zero-shot scene classification (image vs label prompts), text→image and
+image→image search, and the image side of retrieval.
+
+A tower is stored as `vision/config.json` + `vision/model.safetensors` (the frozen ImageNet stem
+left out; it ships in its own package), the same layout an assistant directory uses, so both an
+align-stage output and a full assistant directory load here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn import functional as F
+
+from geochat.errors import ModelLoadError
+from geochat.model.assistant import VISION_DIR
+from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+from geochat.model.processor import to_pixel_values
+
+# Prompts around a label for zero-shot classification; their embeddings are averaged (prompt ensemble).
+LABEL_PROMPTS = (
+    "an aerial image of {}.",
+    "a satellite image of {}.",
+    "a remote sensing image showing {}.",
+)
+
+
+class TextEncoder:
+    """Frozen sentence-transformers encoder (MiniLM by default): texts → (n, D) unit vectors."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        from geochat.model.weights import minilm_dir
+
+        self.directory = directory or minilm_dir()
+        self.model = SentenceTransformer(str(self.directory), device="cpu")
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_embedding_dimension())
+
+    def encode(self, texts: Sequence[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
+        emb = self.model.encode(
+            list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+            show_progress_bar=progress,
+        )
+        return np.asarray(emb, dtype=np.float32)
+
+
+def label_text(label: str) -> str:
+    """Label as prose: `denseresidential` stays as written, `bare_land` → `bare land`."""
+    return label.replace("_", " ").replace("-", " ")
+
+
+def save_tower(tower: GeoHybridVisionModel, directory: Path) -> Path:
+    """Write `directory/vision/` (config + trainable weights; the frozen shipped stem left out)."""
+    out = directory / VISION_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().contiguous()
+        for k, v in tower.state_dict().items()
+        if not (tower.stem_is_frozen and k.startswith("stem."))
+    }
+    tower.config.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"))
+    return out
+
+
+def load_tower(directory: Path) -> GeoHybridVisionModel:
+    """The hybrid tower saved under `directory/vision/` (an align output or an assistant directory)."""
+    vision = directory / VISION_DIR
+    if not (vision / "model.safetensors").is_file():
+        raise ModelLoadError(f"'{directory}' holds no trained vision tower ({vision}/model.safetensors missing)")
+    config = GeoHybridVisionConfig.from_pretrained(vision)
+    tower = GeoHybridVisionModel(config)
+    tower.load_stem_weights()
+    result = tower.load_state_dict(load_file(str(vision / "model.safetensors")), strict=False)
+    missing = [k for k in result.missing_keys if not (tower.stem_is_frozen and k.startswith("stem."))]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(f"vision weights in {vision} do not fit: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return tower.eval()
+
+
+class DualEncoder:
+    """Image and text embeddings in one space; cosine similarity = dot product of the outputs."""
+
+    def __init__(self, tower: GeoHybridVisionModel, text: TextEncoder,
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
+        if tower.config.projection_dim != text.dim:
+            raise ModelLoadError(
+                f"the tower's head gives {tower.config.projection_dim}-d embeddings, the text encoder {text.dim}-d"
+            )
+        self.tower = tower.eval()
+        self.text = text
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @torch.no_grad()
+    def embed_images(self, rgbs: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """(h, w, 3) uint8 images → (n, D) unit vectors."""
+        size = self.tower.config.image_size
+        out = []
+        for start in range(0, len(rgbs), batch_size):
+            pixels = torch.cat([to_pixel_values(x, size, self.mean, self.std) for x in rgbs[start : start + batch_size]])
+            out.append(F.normalize(self.tower(pixel_values=pixels).pooler_output, dim=-1).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.text.dim), np.float32)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return self.text.encode(texts)
+
+    def embed_labels(self, labels: Sequence[str]) -> np.ndarray:
+        """(L, D) unit vectors: the mean embedding of each label's prompts, renormalised."""
+        prompts = [p.format(label_text(label)) for label in labels for p in LABEL_PROMPTS]
+        emb = self.text.encode(prompts).reshape(len(labels), len(LABEL_PROMPTS), -1).mean(1)
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True)

@@ -1,0 +1,94 @@
+"""`geochat ask`: the JSON contract, readable output, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geochat import GeoChat
+from geochat.cli import main
+from tests.tiny import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("assistant")
+    GeoChat.from_config(tiny_config(tiny_llm_dir)).save_pretrained(directory)
+    return directory
+
+
+def _ask(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["ask", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_contract_on_geotiff(capsys: pytest.CaptureFixture[str], model_dir: Path, geotiffs: dict[str, Path]) -> None:
+    code, out, _ = _ask(capsys, str(geotiffs["s2_13band_uint16_utm33.tif"]), "what is here?", "--model", str(model_dir),
+                        "--json", "--max-new-tokens", "8", "--no-retrieval")
+    assert code == 0
+    data = json.loads(out)
+    assert set(data) >= {"answer", "reasoning", "task", "boxes", "geojson", "facts", "sources", "model", "timings"}
+    assert data["task"] == "chat" and data["reasoning"] is None
+    assert data["facts"]["band_count"] == 13 and data["facts"]["crs"] == "EPSG:32633"
+    assert data["facts"]["rgb_bands"] == [4, 3, 2]
+    assert "ndvi" in json.dumps(data["facts"]).lower()
+    assert data["timings"]["total_s"] > 0
+
+
+def test_json_with_task_region_bands_cot(capsys: pytest.CaptureFixture[str], model_dir: Path, geotiffs: dict[str, Path]) -> None:
+    code, out, _ = _ask(capsys, str(geotiffs["s2_13band_uint16_utm33.tif"]), "describe the region", "--model", str(model_dir),
+                        "--json", "--max-new-tokens", "8", "--task", "identify", "--region", "1,1,10,10", "--bands", "8,4,3",
+                        "--cot", "--no-retrieval")
+    assert code == 0
+    data = json.loads(out)
+    assert data["task"] == "identify" and data["facts"]["rgb_bands"] == [8, 4, 3]
+
+
+def test_readable_output(capsys: pytest.CaptureFixture[str], model_dir: Path, geotiffs: dict[str, Path]) -> None:
+    code, out, err = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "hello", "--model", str(model_dir),
+                          "--max-new-tokens", "4", "--no-retrieval")
+    assert code == 0 and out.strip() and "{" not in out.splitlines()[0][:1]
+    assert "projector untrained" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["/no/such/file.tif", "q"], "image not found"),
+        (["{corrupt}", "q"], "corrupt.tif"),
+        (["{s2}", "q", "--bands", "4,3,99"], "band 99"),
+        (["{s2}", "q", "--model", "/no/such/model"], "not a geochat assistant directory"),
+        (["{s2}", "q", "--task", "identify"], "needs a region"),
+        (["only-one-arg"], "pass an image and a question"),
+    ],
+)
+def test_errors_are_one_line_exit_2(
+    capsys: pytest.CaptureFixture[str], model_dir: Path, geotiffs: dict[str, Path], args: list[str], message: str
+) -> None:
+    args = [a.format(corrupt=geotiffs["corrupt.tif"], s2=geotiffs["s2_13band_uint16_utm33.tif"]) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(model_dir)]
+    code, out, err = _ask(capsys, *args, "--no-retrieval")
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("geochat: error:") and message in lines[0]
+    assert "Traceback" not in err
+
+
+def test_console_script_never_shows_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "not-a-raster.tif"
+    bad.write_text("this is text, not a GeoTIFF")
+    proc = subprocess.run(
+        [sys.executable, "-m", "geochat.cli", "ask", str(bad), "what?", "--no-retrieval"],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1

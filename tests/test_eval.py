@@ -1,0 +1,221 @@
+"""Evaluation: metrics on hand-made cases with known values, and the `geochat eval` CLI end to end
+(tiny tower / tiny assistant, generated images)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from geochat.cli import main
+from geochat.eval.annotations import read_annotations
+from geochat.eval.metrics import (
+    accuracy,
+    accuracy_by,
+    caption_scores,
+    confusion_matrix,
+    grounding_accuracy,
+    normalize_answer,
+    recall_at_k,
+    retrieval_recalls,
+    vqa_match,
+)
+from geochat.eval.tasks import match_label
+from geochat.grounding import Box
+from tests.tiny import TINY_VISION, tiny_config
+
+REFS = [
+    ["many planes are parked near the terminal of a large airport .", "an airport with many planes ."],
+    ["green farmland with a river crossing it from north to south .", "a river runs through farmland ."],
+    ["dense residential houses stand along several straight roads .", "many houses along roads ."],
+]
+PERFECT = [r[0] for r in REFS]
+SHUFFLED = [" ".join(reversed(r[0].rstrip(" .").split())) + " ." for r in REFS]
+CAPTION_KEYS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+
+
+@pytest.fixture(scope="module")
+def caption_pair() -> tuple[dict[str, float], dict[str, float]]:
+    return caption_scores(PERFECT, REFS), caption_scores(SHUFFLED, REFS)
+
+
+def test_caption_metrics_perfect_is_one(caption_pair: tuple[dict[str, float], dict[str, float]]) -> None:
+    perfect, _ = caption_pair
+    assert list(perfect) == CAPTION_KEYS
+    for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"):
+        assert perfect[key] == pytest.approx(1.0, abs=1e-6), key
+
+
+def test_caption_metrics_drop_on_shuffled_words(caption_pair: tuple[dict[str, float], dict[str, float]]) -> None:
+    perfect, shuffled = caption_pair
+    assert shuffled["BLEU-1"] == pytest.approx(perfect["BLEU-1"], abs=1e-6)  # same words...
+    assert shuffled["BLEU-4"] < 0.2 < perfect["BLEU-4"]                         # ...in the wrong order
+    for key in ("METEOR", "ROUGE-L", "CIDEr"):
+        assert shuffled[key] < perfect[key], key
+
+
+def test_caption_metrics_reject_bad_input() -> None:
+    with pytest.raises(ValueError):
+        caption_scores(PERFECT[:2], REFS)
+    with pytest.raises(ValueError):
+        caption_scores(["a caption"], [[]])
+
+
+def test_accuracy_confusion_and_per_class() -> None:
+    gold = ["a", "a", "b", "c"]
+    pred = ["a", "b", "b", "a"]
+    assert accuracy(pred, gold) == 0.5
+    assert accuracy_by(pred, gold, gold) == {"a": 0.5, "b": 1.0, "c": 0.0}
+    assert confusion_matrix(pred, gold, ["a", "b", "c"]).tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 0]]
+    with pytest.raises(ValueError):
+        accuracy(pred[:3], gold)
+
+
+def test_recall_at_k_known_values() -> None:
+    sim = np.array([[0.9, 0.1, 0.0], [0.2, 0.1, 0.8], [0.3, 0.2, 0.1]])  # query 1's answer is 3rd, query 2's 2nd
+    r = recall_at_k(sim, [{0}, {1}, {1}], ks=(1, 2, 3))
+    assert r == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}
+
+
+def test_retrieval_recalls_both_directions() -> None:
+    images = np.eye(3, dtype=np.float32)
+    captions = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0.1, 0, 0.9]], dtype=np.float32)
+    perfect = retrieval_recalls(images, captions, [0, 0, 1, 2])
+    assert sorted(perfect) == ["i2t_R@1", "i2t_R@10", "i2t_R@5", "t2i_R@1", "t2i_R@10", "t2i_R@5"]
+    assert perfect["t2i_R@1"] == 1.0 and perfect["i2t_R@1"] == 1.0
+    wrong = retrieval_recalls(images, captions, [2, 2, 0, 1])  # captions assigned to the wrong images
+    assert wrong["t2i_R@1"] == 0.0 and wrong["i2t_R@1"] == 0.0
+    assert wrong["t2i_R@10"] == 1.0  # fewer than 10 images: everything is retrieved
+
+
+def test_grounding_accuracy_rotated_and_one_to_one() -> None:
+    ref = Box(10, 10, 50, 20, 90)
+    assert grounding_accuracy([[ref]], [[ref]]) == 1.0
+    assert grounding_accuracy([[Box(10, 10, 50, 20, -90)]], [[ref]]) == 1.0  # the same rectangle
+    assert grounding_accuracy([[Box(10, 10, 50, 20, 0)]], [[ref]]) == 0.0  # same box, wrong angle: IoU 1/7
+    assert grounding_accuracy([[Box(10, 20, 50, 30, 90)]], [[ref]]) == 0.0  # shifted across its width
+    # two predictions of the same box can match only one of two reference boxes
+    other = Box(60, 60, 90, 90)
+    assert grounding_accuracy([[ref, ref]], [[ref, other]]) == 0.5
+    assert grounding_accuracy([[other, ref]], [[ref, other]]) == 1.0
+    assert grounding_accuracy([[]], [[ref]]) == 0.0
+
+
+def test_vqa_normalisation_and_label_matching() -> None:
+    assert normalize_answer("Two planes.") == "2 planes"
+    assert vqa_match("Yes, there is a river.", "yes") and not vqa_match("No.", "yes")
+    assert vqa_match("the airport", "airport") and not vqa_match("port", "airport")
+    labels = ["airport", "bareland", "denseresidential", "mediumresidential"]
+    assert match_label("Dense residential.", labels) == "denseresidential"
+    assert match_label("It is an airport", labels) == "airport"
+    assert match_label("bare lande", labels) == "bareland"
+
+
+# -- CLI end to end on generated data ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six 32-px images in two classes with captions, a VQA file and a grounding file."""
+    root = tmp_path_factory.mktemp("scenes")
+    (root / "images").mkdir()
+    rng = np.random.RandomState(0)
+    rows = []
+    for i in range(6):
+        label = "farmland" if i % 2 else "airport"
+        colour = np.array([40, 160, 40] if i % 2 else [150, 150, 150], dtype=np.float64)
+        img = np.clip(colour + rng.randn(32, 32, 3) * 20, 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        row = {"image": f"images/{i}.png", "split": "test" if i < 5 else "train", "label": label,
+               "captions": [f"an aerial view of {label} number {i} .", f"this is {label} ."]}
+        if i == 4:
+            del row["captions"]  # skipped by caption/retrieve
+        rows.append(row)
+    rows.append({"image": "images/0.png", "split": "test", "captions": ["no label here ."]})  # skipped by classify
+    (root / "ann.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    vqa = [{"image": "images/0.png", "question": "Is there a runway?", "answer": "yes"},
+           {"image": "images/1.png", "question": "How many rivers are there?", "answer": "1", "type": "count"}]
+    (root / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in vqa) + "\n")
+    ground = [{"image": "images/0.png", "phrase": "the runway", "boxes": [[2, 4, 20, 12, 15], [1, 1, 5, 5]]}]
+    (root / "ground.jsonl").write_text("\n".join(json.dumps(r) for r in ground) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_tower_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.train.dual_encoder import save_tower
+
+    import torch
+
+    torch.manual_seed(0)
+    config = GeoHybridVisionConfig(**{**{k: v for k, v in TINY_VISION.items() if k != "model_type"}, "projection_dim": 384})
+    return save_tower(GeoHybridVisionModel(config), tmp_path_factory.mktemp("tower")).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_assistant_dir(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from geochat.model.assistant import build_assistant, save_assistant
+
+    directory = tmp_path_factory.mktemp("assistant")
+    return save_assistant(build_assistant(tiny_config(tiny_llm_dir)), directory)
+
+
+def _run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_annotations_split_filter(scenes: Path) -> None:
+    assert len(read_annotations(scenes / "ann.jsonl")) == 7
+    assert len(read_annotations(scenes / "ann.jsonl", "test")) == 6
+
+
+def test_cli_classify_dual_json_and_report(scenes: Path, tiny_tower_dir: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run_json(capsys, "eval", "classify", "--annotations", str(scenes / "ann.jsonl"), "--split", "test",
+                    "--model", str(tiny_tower_dir), "--json", "--report", str(tmp_path / "rep"))
+    assert set(out) == {"task", "n", "accuracy", "per_class"}
+    assert out["task"] == "classify" and out["n"] == 5  # the label-less row is skipped
+    assert set(out["per_class"]) == {"airport", "farmland"}
+    assert 0.0 <= out["accuracy"] <= 1.0
+    assert (tmp_path / "rep" / "confusion.png").stat().st_size > 1000
+    assert "confusion.png" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_cli_retrieve_json_keys(scenes: Path, tiny_tower_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = _run_json(capsys, "eval", "retrieve", "--annotations", str(scenes / "ann.jsonl"),
+                    "--model", str(tiny_tower_dir), "--json", "--limit", "3")
+    assert set(out) == {"task", "n", "t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"}
+    assert out["n"] == 3 and out["t2i_R@10"] == 1.0  # 3 images: all are in the top 10
+
+
+def test_cli_vlm_tasks_json_keys(scenes: Path, tiny_assistant_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = ["--model", str(tiny_assistant_dir), "--json"]
+    out = _run_json(capsys, "eval", "vqa", "--annotations", str(scenes / "vqa.jsonl"), *model)
+    assert set(out) == {"task", "n", "accuracy", "per_type"} and set(out["per_type"]) == {"yes/no", "count"}
+    out = _run_json(capsys, "eval", "ground", "--annotations", str(scenes / "ground.jsonl"), *model)
+    assert set(out) == {"task", "n", "acc@0.5"} and out["n"] == 1
+    out = _run_json(capsys, "eval", "classify", "--mode", "vlm", "--annotations", str(scenes / "ann.jsonl"),
+                    "--limit", "2", "--labels", "airport,farmland,forest", *model)
+    assert set(out) == {"task", "n", "accuracy", "per_class"} and out["n"] == 2
+    out = _run_json(capsys, "eval", "caption", "--annotations", str(scenes / "ann.jsonl"), "--limit", "2", *model)
+    assert set(out) == {"task", "n", *CAPTION_KEYS} and out["n"] == 2
+
+
+def test_cli_errors_are_one_line(scenes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "vqa", "--annotations", str(tmp_path / "missing.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["eval", "ground", "--annotations", str(scenes / "ann.jsonl")]) == 2  # no usable rows
+    (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\nnot json\n')
+    assert main(["eval", "classify", "--annotations", str(tmp_path / "bad.jsonl")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_real_rsicd_test_split_reads(shared_data: Path) -> None:
+    rows = read_annotations(shared_data / "rsicd" / "annotations.jsonl", "test")
+    assert len(rows) == 1094 and len({r.label for r in rows}) == 31
+    assert all(len(r.captions) == 5 and r.image.is_file() for r in rows[:20])
