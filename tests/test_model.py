@@ -130,3 +130,28 @@ def test_config_json_round_trip_and_errors(tmp_path: Path) -> None:
 def test_unloadable_llm_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="cannot load the language model"):
         build_assistant(tiny_config(tmp_path / "missing-llm"))
+
+
+def test_hf_vision_tower_and_llava_checkpoint_path(tiny_llm_dir: Path, tmp_path: Path) -> None:
+    """Any HF vision config plugs in (a tiny CLIP here), and a transformers LLaVA checkpoint loads."""
+    from transformers import CLIPImageProcessor
+
+    clip = {"model_type": "clip_vision_model", "image_size": 32, "patch_size": 8, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    cfg = AssistantConfig(name="tiny-clip", llm=str(tiny_llm_dir), vision=clip, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+    a = build_assistant(cfg)
+    assert a.num_image_tokens == 16  # (32/8)², CLS dropped by the "default" strategy
+    assert a.encode_images(torch.randn(1, 3, 32, 32)).shape == (1, 16, 64)
+
+    # Write it out the way llava-hf checkpoints are laid out, then load it through that path.
+    ckpt = tmp_path / "llava-ckpt"
+    a.model.save_pretrained(ckpt)
+    a.tokenizer.save_pretrained(ckpt)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(ckpt)
+    b = load_assistant(ckpt)
+    assert b.config.llava_checkpoint == str(ckpt) and b.num_image_tokens == 16
+    ids = torch.tensor([[5] + [a.image_token_id] * 16 + [7]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a.model(input_ids=ids, pixel_values=pixels).logits, b.model(input_ids=ids, pixel_values=pixels).logits)

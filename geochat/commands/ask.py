@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from geochat.commands.index import add_store_arguments
 from geochat.errors import GeoChatError
 from geochat.prompting import Task
 
@@ -27,6 +28,9 @@ def register(sub: Any) -> None:
     p.add_argument("--no-image", action="store_true", help="a text-only question")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", type=Path, help="where to save the image with boxes drawn (default: IMAGE_boxes.png)")
+    p.add_argument("--no-retrieval", action="store_true", help="answer without documentation passages")
+    p.add_argument("--k", type=int, default=4, help="documentation passages to put in the prompt (default 4)")
+    add_store_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -47,6 +51,21 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _retriever(args: argparse.Namespace) -> Any | None:
+    """The docs retriever; the index is built from the shipped knowledge/ on first use."""
+    from geochat.retrieval import StoreLocation, ensure_retriever
+
+    if args.k < 1:
+        raise GeoChatError(f"--k must be at least 1, got {args.k}")
+    location = StoreLocation.resolve(args.index_dir, args.chroma_host, args.chroma_port)
+    retriever, built = ensure_retriever(location, k=args.k)
+    if built is not None:
+        print(f"geochat: built the documentation index: {built.summary('documents')} ({location})", file=sys.stderr)
+    if retriever is None:
+        print(f"geochat: no documentation index at {location}; answering without retrieval", file=sys.stderr)
+    return retriever
+
+
 def run(args: argparse.Namespace) -> int:
     if args.no_image:
         if len(args.inputs) != 1:
@@ -64,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_image(image_path, bands=args.bands, sensor=args.sensor) if image_path else None
     gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
+    if not args.no_retrieval:
+        gc.retriever = _retriever(args)
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     answer = gc.chat(loaded, question, task=args.task, cot=args.cot, region=args.region, labels=labels)
 

@@ -19,6 +19,7 @@ An assistant directory holds only what is not already shipped elsewhere:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,46 +153,93 @@ def _num_image_tokens(vision_config: Any, strategy: str) -> int:
 
 def build_assistant(config: AssistantConfig, directory: Path | None = None) -> Assistant:
     """Assemble the LLaVA model described by `config` (weights from `directory` when loading a saved one)."""
+    if config.llava_checkpoint:
+        model, tokenizer, llm_source = _load_llava_checkpoint(config)
+    else:
+        model, tokenizer, llm_source = _compose(config, directory)
+    if directory is not None:
+        model.model.multi_modal_projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
+    if config.moe is not None:
+        apply_moe_lora(model, config.moe)
+        if directory is not None:
+            _load_partial(model, load_file(str(directory / MOE_FILE)), "MoE-LoRA")
+    image_token_id = model.config.image_token_id
+    vision_config = model.config.vision_config
+    num_image_tokens = _num_image_tokens(vision_config, config.vision_feature_select_strategy)
+    wrapped = _attach_lora(model, config, directory) if config.lora is not None else model
+    wrapped.eval()
+    return Assistant(config, wrapped, tokenizer, image_token_id, num_image_tokens, vision_config.image_size, llm_source)
+
+
+def _compose(config: AssistantConfig, directory: Path | None) -> tuple[LlavaForConditionalGeneration, Any, str]:
+    """Build the LLaVA shell on the meta device, then put the pretrained LLM and the tower in place."""
     llm_source = resolve_llm_source(config.llm, directory)
     llm, tokenizer = _load_llm(llm_source, config.quantization)
     llm.requires_grad_(False)  # the base LLM is frozen; adapters add the trainable weights
     if config.image_token not in tokenizer.get_vocab():
         _add_image_token(llm, tokenizer, config.image_token)
-    image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
-
     vision_kwargs = {k: v for k, v in config.vision.items() if k != "model_type"}
     vision_config = AutoConfig.for_model(config.vision["model_type"], **vision_kwargs)
-    num_image_tokens = _num_image_tokens(vision_config, config.vision_feature_select_strategy)
     llava_config = LlavaConfig(
         vision_config=vision_config,
         text_config=llm.config,
-        image_token_id=image_token_id,
-        image_seq_length=num_image_tokens,
+        image_token_id=tokenizer.convert_tokens_to_ids(config.image_token),
+        image_seq_length=_num_image_tokens(vision_config, config.vision_feature_select_strategy),
         projector_hidden_act="gelu",
         vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
     )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(llava_config)
-    # Put the pretrained LLM in place (keeps its tied embeddings/head and any bitsandbytes layers).
+    # Keeps the LLM's tied embeddings/head and any bitsandbytes layers as they are.
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
     model.model.vision_tower = _build_tower(vision_config, config, directory)
     model.model.multi_modal_projector = LlavaMultiModalProjector(llava_config)
-    if directory is not None:
-        model.model.multi_modal_projector.load_state_dict(load_file(str(directory / PROJECTOR_FILE)))
     model.generation_config = llm.generation_config
     model.config.text_config.use_cache = True
+    return model, tokenizer, llm_source
 
-    if config.moe is not None:
-        apply_moe_lora(model, config.moe)
-        if directory is not None:
-            _load_partial(model, load_file(str(directory / MOE_FILE)), "MoE-LoRA")
-    if config.lora is not None:
-        model = _attach_lora(model, config, directory)
-    model.eval()
-    image_size = vision_config.image_size
-    return Assistant(config, model, tokenizer, image_token_id, num_image_tokens, image_size, llm_source)
+
+def _load_llava_checkpoint(config: AssistantConfig) -> tuple[LlavaForConditionalGeneration, Any, str]:
+    """A whole LLaVA checkpoint in transformers' format (e.g. `llava-hf/llava-1.5-7b-hf`)."""
+    source = config.llava_checkpoint
+    assert source is not None
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            source, quantization_config=_bnb_config(config.quantization), dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the LLaVA checkpoint '{source}': {exc}") from exc
+    model.requires_grad_(False)
+    return model, tokenizer, source
+
+
+def llava_checkpoint_config(source: str) -> AssistantConfig:
+    """An AssistantConfig that wraps a transformers LLaVA checkpoint (a directory or a hub id)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        llava = LlavaConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load '{source}' as a LLaVA checkpoint: {exc}") from exc
+    vision = llava.vision_config.to_dict()
+    return AssistantConfig(
+        name=source,
+        llm=source,
+        llava_checkpoint=source,
+        vision={"model_type": llava.vision_config.model_type, **{k: v for k, v in vision.items() if k != "model_type"}},
+        vision_feature_layer=llava.vision_feature_layer,
+        vision_feature_select_strategy=llava.vision_feature_select_strategy,
+        image_mean=tuple(processor.image_mean),
+        image_std=tuple(processor.image_std),
+        image_token=tokenizer.convert_ids_to_tokens(llava.image_token_id),
+        projector_trained=True,
+        description="transformers LLaVA checkpoint",
+    )
 
 
 def _build_tower(vision_config: Any, config: AssistantConfig, directory: Path | None) -> nn.Module:
@@ -277,8 +325,16 @@ def embed_llm(llm_source: str, directory: Path) -> None:
 
 
 def load_assistant(directory: str | Path) -> Assistant:
-    """Load an assistant directory written by `save_assistant`."""
+    """Load an assistant directory written by `save_assistant`, or a transformers LLaVA checkpoint.
+
+    A LLaVA checkpoint is a local directory whose `config.json` says `"model_type": "llava"`, or a
+    hub id (which needs the network; nothing is downloaded by default).
+    """
     directory = Path(directory)
+    if _is_llava_checkpoint(directory):
+        return build_assistant(llava_checkpoint_config(str(directory)))
+    if not directory.exists() and "/" in str(directory) and not str(directory).startswith(("/", ".")):
+        return build_assistant(llava_checkpoint_config(str(directory)))  # a hub id such as llava-hf/llava-1.5-7b-hf
     if not (directory / CONFIG_FILE).is_file():
         raise ModelLoadError(
             f"'{directory}' is not a geochat assistant directory (no {CONFIG_FILE}); "
@@ -289,6 +345,16 @@ def load_assistant(directory: str | Path) -> Assistant:
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"cannot read {directory / CONFIG_FILE}: {exc}") from exc
     return build_assistant(config, directory)
+
+
+def _is_llava_checkpoint(directory: Path) -> bool:
+    config_file = directory / "config.json"
+    if (directory / CONFIG_FILE).is_file() or not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text()).get("model_type") == "llava"
+    except json.JSONDecodeError:
+        return False
 
 
 def _llava(model: Any) -> LlavaForConditionalGeneration:

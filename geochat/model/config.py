@@ -48,6 +48,7 @@ class AssistantConfig:
     llm: str = "smollm2"
     vision: dict[str, Any] = field(default_factory=lambda: {"model_type": "geochat_hybrid_vision"})
     vision_pretrained: str | None = None
+    llava_checkpoint: str | None = None  # a whole transformers LLaVA checkpoint (dir or hub id) as the base
     vision_feature_layer: int = -1
     vision_feature_select_strategy: Literal["default", "full"] = "full"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)

@@ -1,0 +1,61 @@
+"""The GeoChat app: the Gradio page and the HTTP API from one process (`make demo`).
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--model NAME_OR_DIR] [--max-new-tokens N]
+                  [--api-token TOKEN] [--allowed-image-dir DIR ...]
+
+The page is at http://HOST:PORT/, the API at /v1/chat/completions, /v1/ground and /health (see
+docs/API.md). The API token may also come from $GEOCHAT_API_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from an offline server
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from geochat.engine import DEFAULT_MAX_NEW_TOKENS
+    from geochat.serving.limits import REPO_EXAMPLES, ServingSettings
+
+    p = argparse.ArgumentParser(description="GeoChat: chat about remote-sensing imagery (web app + HTTP API)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", default=None, help="assistant directory or hub id (default: the offline default model)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--api-token", default=ServingSettings.token_from_env(),
+                   help="bearer token required by /v1/* (default: $GEOCHAT_API_TOKEN; none = open)")
+    p.add_argument("--allowed-image-dir", action="append", type=Path, default=None,
+                   help=f"directory whose files the API may read by path (repeatable; default: {REPO_EXAMPLES})")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import uvicorn
+
+    from geochat.engine import GeoChat
+    from geochat.errors import GeoChatError
+    from geochat.serving import ServingSettings, create_app
+
+    try:
+        settings = ServingSettings(api_token=args.api_token,
+                                   **({"allowed_image_dirs": tuple(args.allowed_image_dir)} if args.allowed_image_dir else {}))
+        gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
+    except (GeoChatError, ValueError) as exc:
+        print(f"app.py: error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(gc, settings)
+    print(f"GeoChat ({gc.model_info.name}) on http://{args.host}:{args.port}/  — API: /v1/chat/completions", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

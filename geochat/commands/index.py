@@ -1,0 +1,83 @@
+"""`geochat index docs [DIR]` and `geochat index images DIR`: fill the retrieval store, incrementally."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_store_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the store is: shared by `index`, `search` and `ask`."""
+    p.add_argument("--index-dir", type=Path, default=None,
+                   help="store directory (default: $GEOCHAT_INDEX, else <cache>/index)")
+    p.add_argument("--chroma-host", default=None, help="use a chroma server (`chroma run`) instead of a directory")
+    p.add_argument("--chroma-port", type=int, default=None, help="the chroma server's port (default 8000)")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("index", help="index documentation or an image archive for retrieval")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="WHAT")
+
+    docs = kinds.add_parser("docs", help="index Markdown documentation (default: the shipped knowledge/)")
+    docs.add_argument("directory", nargs="?", type=Path, default=None, help="directory of .md files")
+    docs.set_defaults(func=run_docs)
+
+    images = kinds.add_parser("images", help="index the PNG/JPEG/GeoTIFF files under a directory")
+    images.add_argument("directory", type=Path)
+    images.add_argument("--embedder", default="auto",
+                        help="auto (trained tower when shipped, else stem), stem, or tower:DIR")
+    images.add_argument("--max-size", type=int, default=256, help="long side of the overview read per image")
+    images.set_defaults(func=run_images)
+
+    for q in (docs, images):
+        add_store_arguments(q)
+        q.add_argument("--rebuild", action="store_true",
+                       help="drop the collection (or a broken store) and index from scratch")
+        q.add_argument("--json", action="store_true", help="print the report as one JSON object")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _open_for_writing(args: argparse.Namespace) -> Any:
+    from geochat.retrieval import CorruptIndexError, IndexStore, StoreLocation, wipe_store
+
+    location = StoreLocation.resolve(args.index_dir, args.chroma_host, args.chroma_port)
+    try:
+        return IndexStore.open(location, create=True)
+    except CorruptIndexError:
+        if not args.rebuild:
+            raise
+        print(f"geochat: the store at {location} is broken; deleting it and rebuilding", file=sys.stderr)
+        wipe_store(location)
+        return IndexStore.open(location, create=True)
+
+
+def _print(report: Any, args: argparse.Namespace, store: Any, what: str) -> int:
+    if args.json:
+        print(json.dumps({**report.to_json(), "index": str(store.location)}))
+    else:
+        print(f"{report.summary(what)} ({store.location})")
+    return 0
+
+
+def run_docs(args: argparse.Namespace) -> int:
+    from geochat.retrieval import BUNDLED_KNOWLEDGE, index_docs
+
+    store = _open_for_writing(args)
+    report = index_docs(store, args.directory or BUNDLED_KNOWLEDGE, rebuild=args.rebuild,
+                        progress=not args.no_progress)
+    return _print(report, args, store, "documents")
+
+
+def run_images(args: argparse.Namespace) -> int:
+    from geochat.errors import GeoChatError
+    from geochat.retrieval import image_embedder_from_name, index_images
+
+    if args.max_size < 32:
+        raise GeoChatError(f"--max-size must be at least 32, got {args.max_size}")
+    store = _open_for_writing(args)
+    report = index_images(store, args.directory, embedder=image_embedder_from_name(args.embedder),
+                          rebuild=args.rebuild, max_size=args.max_size, progress=not args.no_progress)
+    return _print(report, args, store, "images")

@@ -1,0 +1,40 @@
+"""The faces that serve the engine over the network: the Gradio app and the HTTP API, one process.
+
+    app = create_app(GeoChat.from_pretrained(), ServingSettings())
+    uvicorn.run(app, host="127.0.0.1", port=7860)
+
+`create_app` puts the API routes (`/v1/...`, `/health`, `/docs`) on a FastAPI app and mounts the
+Gradio page at `/` next to them. Only this package imports Gradio and FastAPI; the engine below
+knows neither.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from geochat.engine import GeoChat
+from geochat.serving.limits import ServingSettings
+
+__all__ = ["ServingSettings", "create_app"]
+
+
+def create_app(gc: GeoChat, settings: ServingSettings, download_dir: Path | None = None) -> FastAPI:
+    """The API routes plus the Gradio UI at `/`, sharing one engine."""
+    import gradio as gr
+
+    from geochat.serving.api import install_api
+    from geochat.serving.session import SessionLogic
+    from geochat.serving.ui import CSS, EXAMPLES_DIR, build_ui, theme
+
+    app = FastAPI(title="GeoChat API", version="1", description="Chat about remote-sensing imagery; see docs/API.md.")
+    install_api(app, gc, settings)
+    downloads = download_dir or Path(tempfile.mkdtemp(prefix="geochat-downloads-"))
+    demo = build_ui(SessionLogic(gc, settings, downloads))
+    allowed = [str(p) for p in (EXAMPLES_DIR, downloads) if p.is_dir()]
+    return gr.mount_gradio_app(
+        app, demo, path="/", theme=theme(), css=CSS, allowed_paths=allowed,
+        max_file_size=settings.max_upload_bytes, footer_links=["gradio", "settings"], ssr_mode=False,
+    )

@@ -1,0 +1,375 @@
+"""The HTTP API: OpenAI-style chat completions, grounding to GeoJSON, health. See docs/API.md.
+
+`POST /v1/chat/completions` speaks OpenAI's chat-completions shape, so any OpenAI client library
+works: images come as `image_url` parts (a base64 data URL, or a path under `allowed_image_dirs`),
+earlier user/assistant messages are the history, `stream: true` sends `chat.completion.chunk` SSE
+events ending with `data: [DONE]`. The answer's boxes, GeoJSON, sources and reasoning come back in an
+extra top-level field `geochat` (in the last chunk when streaming). Extra request fields `task`,
+`cot`, `region`, `bands`, `sensor`, `labels` choose what the engine does.
+
+Every failure answers `{"error": {"message": ..., "type": ...}}` with a 4xx code that says whose
+fault it was (400 malformed, 401 token, 403 path not allowed, 413 too large, 422 unreadable image,
+503 queue full); only a failure inside the model is a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from geochat.answer import Answer, Turn
+from geochat.engine import GeoChat
+from geochat.errors import GeoChatError, ImageryError
+from geochat.imagery import LoadedImage
+from geochat.prompting import Task, build_user_message
+from geochat.serving.images import BadImageReferenceError, ImageAccessError, ImageTooLargeError, image_source, open_image
+from geochat.serving.limits import QueueFullError, RequestQueue, ServingSettings
+from geochat.serving.render import AppendOnly, feature_collection, live_split
+
+logger = logging.getLogger(__name__)
+
+
+# -- request shapes (OpenAI's, plus geochat's extra fields) --------------------------------------
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(BaseModel):
+    """Unknown OpenAI fields (temperature, top_p, ...) are accepted and ignored: decoding is greedy."""
+
+    model_config = ConfigDict(extra="ignore")
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    task: Literal["chat", "caption", "classify", "refer", "grounding", "identify"] | None = None
+    cot: bool = False
+    region: list[float] | None = Field(default=None, min_length=4, max_length=5)
+    bands: list[int] | str | None = None
+    sensor: str | None = None
+    labels: list[str] | None = None
+
+
+class GroundRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str = Field(min_length=1)
+    phrase: str = Field(min_length=1)
+    bands: list[int] | str | None = None
+    sensor: str | None = None
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An HTTP error with a message for the client."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _status_of(exc: GeoChatError) -> int:
+    if isinstance(exc, ImageTooLargeError):
+        return 413
+    if isinstance(exc, ImageAccessError):
+        return 403
+    if isinstance(exc, QueueFullError):
+        return 503
+    if isinstance(exc, BadImageReferenceError):
+        return 400
+    if isinstance(exc, ImageryError):
+        return 422
+    return 400
+
+
+def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """JSON errors in OpenAI's shape for the API routes (the mounted Gradio app keeps its own)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.kind), status_code=exc.status)
+
+    @app.exception_handler(GeoChatError)
+    async def _geochat_error(request: Request, exc: GeoChatError) -> JSONResponse:
+        status = _status_of(exc)
+        kind = "server_busy" if status == 503 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc), kind), status_code=status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request failed: %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}: {exc})", "server_error"),
+                            status_code=500)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"
+
+
+# -- the router ----------------------------------------------------------------------------------
+
+class _Prepared:
+    """A chat request turned into engine arguments."""
+
+    def __init__(self, loaded: LoadedImage | None, question: str, turns: list[Turn], kwargs: dict[str, Any]) -> None:
+        self.loaded, self.question, self.turns, self.kwargs = loaded, question, turns, kwargs
+
+
+def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
+    queue = RequestQueue(settings.max_concurrent_requests, settings.max_queued_requests, settings.queue_timeout_s)
+
+    def check_token(request: Request) -> None:
+        if settings.api_token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), settings.api_token.encode()):
+            raise ApiError(401, "missing or wrong API token: send 'Authorization: Bearer <token>'", "authentication_error")
+
+    router = APIRouter()
+    protected = APIRouter(dependencies=[Depends(check_token)])
+
+    async def read_json(request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise ApiError(413, f"request body is {int(declared):,} bytes, more than {settings.max_body_bytes:,} "
+                                f"(max_upload_bytes={settings.max_upload_bytes:,} plus text)")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > settings.max_body_bytes:
+                raise ApiError(413, f"request body is larger than {settings.max_body_bytes:,} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON ({exc})") from exc
+
+    def parse(model: type[BaseModel], data: Any) -> Any:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            raise ApiError(400, _validation_message(exc)) from exc
+
+    def load(reference: str, bands: Any, sensor: str | None) -> LoadedImage:
+        return open_image(image_source(reference, settings), settings, bands=bands, sensor=sensor)
+
+    def prepare(req: ChatRequest) -> _Prepared:
+        """Split messages into history and the question, find the image, check limits (blocking I/O)."""
+        messages = [m for m in req.messages if m.role in ("user", "assistant")]
+        if not messages or messages[-1].role != "user":
+            raise ApiError(400, "messages must end with a user message")
+        texts: list[tuple[str, str]] = []
+        images: list[str] = []
+        for m in messages:
+            text, refs = _split_content(m)
+            texts.append((m.role, text))
+            images.extend(refs)
+        total = sum(len(t) for _, t in texts)
+        if total > settings.max_prompt_chars:
+            raise ApiError(413, f"messages hold {total:,} characters, more than max_prompt_chars={settings.max_prompt_chars:,}")
+        if len(set(images)) > 1:
+            raise ApiError(400, "a conversation may hold one image; start a new conversation for another image")
+        loaded = load(images[0], req.bands, req.sensor) if images else None
+        turns: list[Turn] = []
+        pending: str | None = None
+        for role, text in texts[:-1]:
+            if role == "user":
+                if pending is not None:
+                    raise ApiError(400, "two user messages in a row: put an assistant message between them")
+                pending = text
+            else:
+                if pending is None:
+                    raise ApiError(400, "an assistant message must follow a user message")
+                # Rebuilt as the engine built it: image facts go into the first turn only.
+                facts = loaded.facts if loaded is not None and not turns else None
+                turns.append(Turn(_rebuild(pending, facts), text))
+                pending = None
+        if pending is not None:
+            raise ApiError(400, "two user messages in a row: put an assistant message between them")
+        max_new = req.max_completion_tokens or req.max_tokens
+        if max_new is not None and max_new > settings.max_new_tokens_cap:
+            raise ApiError(400, f"max_tokens={max_new} is more than this server allows ({settings.max_new_tokens_cap})")
+        kwargs = {"task": req.task, "cot": req.cot, "region": req.region, "labels": req.labels,
+                  "max_new_tokens": max_new}
+        return _Prepared(loaded, texts[-1][1], turns, kwargs)
+
+    @router.get("/health")
+    async def health() -> dict[str, Any]:
+        info = gc.model_info
+        return {"status": "ok", "model": info.name, "vision": info.vision, "llm": info.llm,
+                "retrieval": gc.retriever is not None}
+
+    @protected.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": gc.model_info.name, "object": "model", "created": 0,
+                                            "owned_by": "geochat"}]}
+
+    @protected.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+        req: ChatRequest = parse(ChatRequest, await read_json(request))
+        prepared = await run_in_threadpool(prepare, req)
+        ticket = await queue.acquire()
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": gc.model_info.name}
+        if not req.stream:
+            try:
+                answer = await run_in_threadpool(
+                    gc.chat, prepared.loaded, prepared.question, history=prepared.turns, **prepared.kwargs)
+            finally:
+                ticket.release()
+            return JSONResponse(_completion(meta, answer))
+        try:
+            stream = gc.stream(prepared.loaded, prepared.question, history=prepared.turns, **prepared.kwargs)
+            pieces = iter(stream)
+            # The first piece is awaited here so that early failures (a bad task argument) get a real
+            # 4xx status instead of an error event inside a 200 stream.
+            first = await run_in_threadpool(next, pieces, None)
+        except BaseException:
+            ticket.release()
+            raise
+        return StreamingResponse(
+            _sse(meta, stream, pieces, first, prepared.kwargs["cot"], ticket.release),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(ticket.release),  # in case the body is never iterated
+        )
+
+    @protected.post("/v1/ground")
+    async def ground(request: Request) -> JSONResponse:
+        req: GroundRequest = parse(GroundRequest, await read_json(request))
+        if len(req.phrase) > settings.max_prompt_chars:
+            raise ApiError(413, f"phrase is longer than max_prompt_chars={settings.max_prompt_chars:,}")
+        loaded = await run_in_threadpool(load, req.image, req.bands, req.sensor)
+        ticket = await queue.acquire()
+        try:
+            answer = await run_in_threadpool(gc.chat, loaded, req.phrase, task=Task.REFER)
+        finally:
+            ticket.release()
+        collection = feature_collection(answer)
+        collection["geochat"] = {
+            "answer": answer.answer, "georeferenced": loaded.info.georeferenced, "model": answer.model.name,
+            "boxes": answer.to_json()["boxes"],
+        }
+        return JSONResponse(collection)
+
+    router.include_router(protected)
+    return router
+
+
+def install_api(app: FastAPI, gc: GeoChat, settings: ServingSettings) -> None:
+    install_error_handlers(app)
+    app.include_router(build_router(gc, settings))
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _split_content(message: ChatMessage) -> tuple[str, list[str]]:
+    """The text of a message and its image references (only user messages may carry images)."""
+    if message.content is None:
+        return "", []
+    if isinstance(message.content, str):
+        return message.content, []
+    texts, images = [], []
+    for part in message.content:
+        if part.type == "text":
+            texts.append(part.text or "")
+        elif part.image_url is None:
+            raise ApiError(400, "an image_url part needs {\"image_url\": {\"url\": ...}}")
+        elif message.role != "user":
+            raise ApiError(400, "only user messages may hold images")
+        else:
+            images.append(part.image_url.url)
+    return "\n".join(t for t in texts if t), images
+
+
+def _rebuild(question: str, facts: dict[str, Any] | None) -> str:
+    try:
+        return build_user_message(question, facts=facts)
+    except ValueError as exc:
+        raise ApiError(400, f"an earlier user message: {exc}") from exc
+
+
+def _completion(meta: dict[str, Any], answer: Answer) -> dict[str, Any]:
+    return {
+        **meta, "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
+                     "finish_reason": "stop", "logprobs": None}],
+        "geochat": answer.to_json(),
+    }
+
+
+def _chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+    body = {**meta, "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+
+async def _sse(meta: dict[str, Any], stream: Any, pieces: Iterator[str], first: str | None, cot: bool,
+               release: Any) -> AsyncIterator[bytes]:
+    """SSE events: a role chunk, content (and reasoning_content) deltas, a final chunk, [DONE]."""
+    answer_text, reasoning_text = AppendOnly(), AppendOnly()
+    raw = ""
+
+    def deltas() -> dict[str, str]:
+        reasoning, answer = live_split(raw, cot)
+        out = {}
+        if r := reasoning_text.advance(reasoning or ""):
+            out["reasoning_content"] = r
+        if a := answer_text.advance(answer):
+            out["content"] = a
+        return out
+
+    try:
+        yield _chunk(meta, {"role": "assistant", "content": ""})
+        piece = first
+        while piece is not None:
+            raw += piece
+            if d := deltas():
+                yield _chunk(meta, d)
+            piece = await run_in_threadpool(next, pieces, None)
+        answer: Answer = stream.answer
+        rest = {}
+        if r := reasoning_text.advance(answer.reasoning or ""):
+            rest["reasoning_content"] = r
+        if a := answer_text.advance(answer.answer):
+            rest["content"] = a
+        yield _chunk(meta, rest, finish="stop", geochat=answer.to_json())
+    except GeoChatError as exc:
+        yield f"data: {json.dumps(error_body(str(exc)))}\n\n".encode()
+    except Exception as exc:  # the stream has started (status 200): report in-band, log the traceback
+        logger.exception("streaming failed")
+        yield f"data: {json.dumps(error_body(f'internal error ({type(exc).__name__}: {exc})', 'server_error'))}\n\n".encode()
+    finally:
+        release()
+    yield b"data: [DONE]\n\n"
