@@ -37,7 +37,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from geochat.answer import Answer, BoxResult, ModelInfo, Timings, Turn
 from geochat.errors import GeoChatError
-from geochat.grounding import Box, box_to_pixel_polygon, grid_to_pixel, parse_boxes, pixel_box_to_grid, strip_grounding
+from geochat.grounding import (
+    Box,
+    box_to_pixel_polygon,
+    grid_to_pixel,
+    parse_boxes,
+    pixel_box_to_grid,
+    strip_grounding,
+)
 from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson
 from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
 from geochat.model.config import AssistantConfig, offline_default_config
@@ -273,9 +280,8 @@ class GeoChat:
             messages.append({"role": "user", "content": (image_prefix if i == 0 else "") + turn.user})
             messages.append({"role": "assistant", "content": turn.assistant})
         messages.append({"role": "user", "content": (image_prefix if not turns else "") + user})
-        encoded = a.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        ids = list(ids)
+        encoded: Any = a.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids: list[int] = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
         if with_image and ids.count(a.image_token_id) != a.num_image_tokens:
             raise GeoChatError(
                 f"prompt holds {ids.count(a.image_token_id)} image tokens, the tower gives {a.num_image_tokens}"
@@ -296,10 +302,12 @@ class GeoChat:
             if cache.get_seq_length() > reuse:
                 cache.crop(reuse - cache.get_seq_length())
         else:
-            cache = DynamicCache(config=a.model.config.text_config)
+            text_config: Any = a.model.config.text_config
+            cache = DynamicCache(config=text_config)
             if image_end:
                 kwargs["mm_encoder_outputs"] = {
-                    "image": BaseModelOutputWithPooling(pooler_output=list(session.image_features))
+                    # LLaVA takes pre-encoded image features as a list of (N, H) tensors, one per image.
+                    "image": BaseModelOutputWithPooling(pooler_output=list(session.image_features))  # type: ignore[arg-type]
                 }
         out = a.model.generate(
             input_ids=input_ids,
@@ -315,7 +323,8 @@ class GeoChat:
         sequence = out[0].tolist()
         session.cache = cache
         session.cached_ids = sequence[: cache.get_seq_length()]
-        return a.tokenizer.decode(sequence[len(ids):], skip_special_tokens=True).strip()
+        text = str(a.tokenizer.decode(sequence[len(ids):], skip_special_tokens=True))
+        return text.strip()
 
     def _georeference(
         self, boxes: Sequence[Box], loaded: LoadedImage | None
@@ -326,12 +335,12 @@ class GeoChat:
         w, h = info.width, info.height
         polygons = [box_to_pixel_polygon(b, w, h) for b in boxes]
         results = []
-        for box, polygon in zip(boxes, polygons):
+        for box, polygon in zip(boxes, polygons, strict=False):
             (x1, y1), (x2, y2) = grid_to_pixel([(box.x1, box.y1), (box.x2, box.y2)], w, h)
             lonlat = pixel_to_lonlat(info, polygon)
             ring = [*lonlat, lonlat[0]] if lonlat is not None else None
             results.append(BoxResult(box.phrase, (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta), ring))
-        properties = [{"phrase": b.phrase, "pixel": list(r.pixel)} for b, r in zip(boxes, results)]
+        properties = [{"phrase": b.phrase, "pixel": list(r.pixel)} for b, r in zip(boxes, results, strict=False)]
         return results, polygons_to_geojson(polygons, info, properties)
 
 

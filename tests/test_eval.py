@@ -16,6 +16,7 @@ from geochat.eval.metrics import (
     accuracy,
     accuracy_by,
     caption_scores,
+    caption_scores_with_items,
     confusion_matrix,
     grounding_accuracy,
     normalize_answer,
@@ -38,23 +39,27 @@ CAPTION_KEYS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CI
 
 
 @pytest.fixture(scope="module")
-def caption_pair() -> tuple[dict[str, float], dict[str, float]]:
-    return caption_scores(PERFECT, REFS), caption_scores(SHUFFLED, REFS)
+def caption_items() -> tuple[dict[str, float], list[dict[str, float]]]:
+    """One pycocoevalcap run (Java starts are slow): items 0-2 perfect, 3-5 the same words reversed."""
+    return caption_scores_with_items(PERFECT + SHUFFLED, REFS + REFS)
 
 
-def test_caption_metrics_perfect_is_one(caption_pair: tuple[dict[str, float], dict[str, float]]) -> None:
-    perfect, _ = caption_pair
-    assert list(perfect) == CAPTION_KEYS
-    for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"):
-        assert perfect[key] == pytest.approx(1.0, abs=1e-6), key
+def test_caption_metrics_perfect_is_one(caption_items: tuple[dict[str, float], list[dict[str, float]]]) -> None:
+    corpus, items = caption_items
+    assert list(corpus) == CAPTION_KEYS
+    for item in items[:3]:
+        for key in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L"):
+            assert item[key] == pytest.approx(1.0, abs=1e-6), key
 
 
-def test_caption_metrics_drop_on_shuffled_words(caption_pair: tuple[dict[str, float], dict[str, float]]) -> None:
-    perfect, shuffled = caption_pair
-    assert shuffled["BLEU-1"] == pytest.approx(perfect["BLEU-1"], abs=1e-6)  # same words...
-    assert shuffled["BLEU-4"] < 0.2 < perfect["BLEU-4"]                         # ...in the wrong order
-    for key in ("METEOR", "ROUGE-L", "CIDEr"):
-        assert shuffled[key] < perfect[key], key
+def test_caption_metrics_drop_on_shuffled_words(caption_items: tuple[dict[str, float], list[dict[str, float]]]) -> None:
+    corpus, items = caption_items
+    for perfect, shuffled in zip(items[:3], items[3:]):
+        assert shuffled["BLEU-1"] == pytest.approx(perfect["BLEU-1"], abs=1e-6)  # same words...
+        assert shuffled["BLEU-4"] < 0.2 < perfect["BLEU-4"]                         # ...in the wrong order
+        for key in ("METEOR", "ROUGE-L", "CIDEr"):
+            assert shuffled[key] < perfect[key], key
+    assert 0.2 < corpus["BLEU-4"] < 1.0  # half right
 
 
 def test_caption_metrics_reject_bad_input() -> None:
@@ -96,7 +101,8 @@ def test_grounding_accuracy_rotated_and_one_to_one() -> None:
     assert grounding_accuracy([[ref]], [[ref]]) == 1.0
     assert grounding_accuracy([[Box(10, 10, 50, 20, -90)]], [[ref]]) == 1.0  # the same rectangle
     assert grounding_accuracy([[Box(10, 10, 50, 20, 0)]], [[ref]]) == 0.0  # same box, wrong angle: IoU 1/7
-    assert grounding_accuracy([[Box(10, 20, 50, 30, 90)]], [[ref]]) == 0.0  # shifted across its width
+    assert grounding_accuracy([[Box(20, 10, 60, 20, 90)]], [[ref]]) == 0.0  # shifted across its width
+    assert grounding_accuracy([[Box(10, 15, 50, 25, 90)]], [[ref]]) == 1.0  # along its length: IoU 0.6
     # two predictions of the same box can match only one of two reference boxes
     other = Box(60, 60, 90, 90)
     assert grounding_accuracy([[ref, ref]], [[ref, other]]) == 0.5

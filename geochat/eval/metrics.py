@@ -75,7 +75,18 @@ def retrieval_recalls(image_emb: np.ndarray, caption_emb: np.ndarray, caption_im
 
 
 def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
-    """COCO caption metrics of one candidate per item against that item's references."""
+    """COCO caption metrics (corpus level) of one candidate per item against that item's references."""
+    return caption_scores_with_items(candidates, references)[0]
+
+
+def caption_scores_with_items(
+    candidates: Sequence[str], references: Sequence[Sequence[str]]
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Corpus-level scores and each item's own scores (BLEU per item is sentence-level BLEU).
+
+    CIDEr's document frequencies come from all items' references, so its per-item values depend
+    on the whole set, as in the COCO evaluation.
+    """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -94,12 +105,16 @@ def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]
     with contextlib.redirect_stdout(io.StringIO()):
         tokenizer = PTBTokenizer()
         gts_tok, res_tok = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-        bleu, _ = Bleu(4).compute_score(gts_tok, res_tok)
-        meteor, _ = Meteor().compute_score(gts_tok, res_tok)
-        rouge, _ = Rouge().compute_score(gts_tok, res_tok)
-        cider, _ = Cider().compute_score(gts_tok, res_tok)
-    values = [*bleu, meteor, rouge, cider]
-    return {k: float(v) for k, v in zip(CAPTION_KEYS, values)}
+        bleu, bleu_items = Bleu(4).compute_score(gts_tok, res_tok)
+        meteor, meteor_items = Meteor().compute_score(gts_tok, res_tok)
+        rouge, rouge_items = Rouge().compute_score(gts_tok, res_tok)
+        cider, cider_items = Cider().compute_score(gts_tok, res_tok)
+    corpus = {k: float(v) for k, v in zip(CAPTION_KEYS, [*bleu, meteor, rouge, cider])}
+    items = [
+        {k: float(v) for k, v in zip(CAPTION_KEYS, [*(b[i] for b in bleu_items), meteor_items[i], rouge_items[i], cider_items[i]])}
+        for i in range(len(candidates))
+    ]
+    return corpus, items
 
 
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}

@@ -114,7 +114,7 @@ def _bnb_config(quantization: str | None) -> BitsAndBytesConfig | None:
     return None
 
 
-def _load_llm(source: str, quantization: str | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+def _load_llm(source: str, quantization: str | None) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         llm = AutoModelForCausalLM.from_pretrained(
@@ -125,7 +125,7 @@ def _load_llm(source: str, quantization: str | None) -> tuple[nn.Module, PreTrai
     return llm, tokenizer
 
 
-def _add_image_token(llm: nn.Module, tokenizer: PreTrainedTokenizerBase, token: str) -> None:
+def _add_image_token(llm: Any, tokenizer: Any, token: str) -> None:
     """Add the image placeholder token; its embedding row is the mean row, so reloads are identical.
 
     (transformers' `mean_resizing` samples the new row at random, which would make a saved and
@@ -163,8 +163,9 @@ def build_assistant(config: AssistantConfig, directory: Path | None = None) -> A
         apply_moe_lora(model, config.moe)
         if directory is not None:
             _load_partial(model, load_file(str(directory / MOE_FILE)), "MoE-LoRA")
-    image_token_id = model.config.image_token_id
-    vision_config = model.config.vision_config
+    llava_config: Any = model.config
+    image_token_id = llava_config.image_token_id
+    vision_config = llava_config.vision_config
     num_image_tokens = _num_image_tokens(vision_config, config.vision_feature_select_strategy)
     wrapped = _attach_lora(model, config, directory) if config.lora is not None else model
     wrapped.eval()
@@ -183,12 +184,13 @@ def _compose(config: AssistantConfig, directory: Path | None) -> tuple[LlavaForC
     llava_config = LlavaConfig(
         vision_config=vision_config,
         text_config=llm.config,
-        image_token_id=tokenizer.convert_tokens_to_ids(config.image_token),
+        image_token_index=tokenizer.convert_tokens_to_ids(config.image_token),
         image_seq_length=_num_image_tokens(vision_config, config.vision_feature_select_strategy),
         projector_hidden_act="gelu",
         vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
     )
+    model: Any
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(llava_config)
     # Keeps the LLM's tied embeddings/head and any bitsandbytes layers as they are.
@@ -206,7 +208,7 @@ def _load_llava_checkpoint(config: AssistantConfig) -> tuple[LlavaForConditional
     source = config.llava_checkpoint
     assert source is not None
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
+        model: Any = LlavaForConditionalGeneration.from_pretrained(
             source, quantization_config=_bnb_config(config.quantization), dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -221,7 +223,7 @@ def llava_checkpoint_config(source: str) -> AssistantConfig:
     from transformers import AutoImageProcessor
 
     try:
-        llava = LlavaConfig.from_pretrained(source)
+        llava: Any = LlavaConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
         processor = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError) as exc:
@@ -236,7 +238,7 @@ def llava_checkpoint_config(source: str) -> AssistantConfig:
         vision_feature_select_strategy=llava.vision_feature_select_strategy,
         image_mean=tuple(processor.image_mean),
         image_std=tuple(processor.image_std),
-        image_token=tokenizer.convert_ids_to_tokens(llava.image_token_id),
+        image_token=str(tokenizer.convert_ids_to_tokens(llava.image_token_id)),
         projector_trained=True,
         description="transformers LLaVA checkpoint",
     )

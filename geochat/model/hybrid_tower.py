@@ -82,7 +82,7 @@ class GeoHybridVisionModel(PreTrainedModel):
     config: GeoHybridVisionConfig
     main_input_name = "pixel_values"
     base_model_prefix = "hybrid_vision"
-    input_modalities = ("image",)
+    input_modalities = "image"
     _no_split_modules = ["TransformerEncoderLayer"]
 
     def __init__(self, config: GeoHybridVisionConfig) -> None:

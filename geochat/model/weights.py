@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 from geochat.errors import ModelLoadError
 from geochat.paths import atomic_dir, cache_root
@@ -63,7 +64,7 @@ def smollm2_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.warning("converting %s to safetensors once (about 40 s); later loads take well under a second", gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The tensors are de-quantized floats now; drop the GGUF "quantized" record so saving is allowed.
     model.hf_quantizer = None

@@ -36,6 +36,7 @@ from geochat.prompting import Task, build_user_message
 from geochat.serving.images import BadImageReferenceError, ImageAccessError, ImageTooLargeError, image_source, open_image
 from geochat.serving.limits import QueueFullError, RequestQueue, ServingSettings
 from geochat.serving.render import AppendOnly, feature_collection, live_split
+from geochat.serving.session import NEEDS_IMAGE
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +220,11 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
                 pending = None
         if pending is not None:
             raise ApiError(400, "two user messages in a row: put an assistant message between them")
+        task = Task(req.task) if req.task else Task.CHAT
+        if loaded is None and task in NEEDS_IMAGE:
+            raise ApiError(400, f"the {task.value} task needs an image: add an image_url part to a user message")
+        if task is Task.IDENTIFY and req.region is None:
+            raise ApiError(400, 'the identify task needs "region": [x1, y1, x2, y2] in pixels of the image')
         max_new = req.max_completion_tokens or req.max_tokens
         if max_new is not None and max_new > settings.max_new_tokens_cap:
             raise ApiError(400, f"max_tokens={max_new} is more than this server allows ({settings.max_new_tokens_cap})")

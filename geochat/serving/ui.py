@@ -24,10 +24,10 @@ from geochat.serving.session import AskOptions, ChatSession, SessionLogic
 
 UPLOAD_TYPES = [".tif", ".tiff", ".png", ".jpg", ".jpeg"]
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
-EXAMPLES = [  # file, sensor, bands, task, message
-    ("landsat_rgb_utm18.tif", "", "", "caption", ""),
-    ("landsat_rgb_utm18.tif", "", "", "refer", "the island"),
-    ("buildings_uint16_utm16.tif", "", "", "grounding", "buildings"),
+EXAMPLES = [  # file, task, message
+    ("landsat_rgb_utm18.tif", "caption", ""),
+    ("landsat_rgb_utm18.tif", "refer", "the island"),
+    ("buildings_uint16_utm16.tif", "grounding", "buildings"),
 ]
 TASKS = [
     ("Chat / question", "chat"),
@@ -78,6 +78,8 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
                     bands = gr.Textbox(label="Custom RGB bands (1-based; overrides the preset)", placeholder="4,3,2",
                                        elem_id="bands")
                     apply_bands = gr.Button("Apply bands", size="sm")
+                gr.Examples(examples=[[str(EXAMPLES_DIR / f), t, m] for f, t, m in EXAMPLES if (EXAMPLES_DIR / f).is_file()],
+                            inputs=[upload, task, message], label="Examples: click one, then Send")
                 similar = gr.Gallery(label="Similar archive images", visible=False, columns=4, height=170)
             with gr.Column(scale=6):
                 chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat", feedback_options=None,
@@ -95,12 +97,10 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
                     reset = gr.Button("Start over", elem_id="start-over")
                     cot = gr.Checkbox(label="Show reasoning (chain of thought)", elem_id="cot")
                 status = gr.Markdown("", elem_id="status")
-                geojson = gr.File(label="Boxes as GeoJSON (EPSG:4326) for a GIS", interactive=False, elem_id="geojson")
+                geojson = gr.File(label="Boxes as GeoJSON (EPSG:4326) for a GIS", interactive=False, elem_id="geojson",
+                                  height=90)
                 with gr.Accordion("Sources", open=False) as sources_box:
                     sources = gr.Markdown("*No sources yet.*", elem_id="sources")
-        gr.Examples(examples=[[str(EXAMPLES_DIR / f), s, b, t, m] for f, s, b, t, m in EXAMPLES
-                              if (EXAMPLES_DIR / f).is_file()],
-                    inputs=[upload, sensor, bands, task, message], label="Examples (click one, then Send)")
 
         # -- handlers: each maps a session to the components it changes ---------------------------
 
