@@ -49,7 +49,7 @@ from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_t
 from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
 from geochat.model.config import AssistantConfig, offline_default_config
 from geochat.model.processor import to_pixel_values
-from geochat.prompting import SYSTEM_PROMPT, Passage, Task, build_user_message, split_reasoning
+from geochat.prompting import SYSTEM_PROMPT, Passage, Task, build_user_message, prompt_facts, split_reasoning
 
 ImageInput = str | Path | bytes | np.ndarray | LoadedImage | Any  # Any: PIL.Image.Image
 TextCallback = Callable[[str], None]
@@ -197,7 +197,7 @@ class GeoChat:
         turns = [t if isinstance(t, Turn) else Turn(*t) for t in (history or ())]
         try:
             user = build_user_message(
-                message, task=task, region=region_box, facts=facts if not turns else None,
+                message, task=task, region=region_box, facts=prompt_facts(facts) if not turns else None,
                 passages=passages or (), cot=cot, labels=labels,
             )
         except ValueError as exc:  # e.g. [refer] without a phrase

@@ -147,6 +147,23 @@ def _flatten(facts: Mapping[str, object], prefix: str = "") -> list[tuple[str, o
     return items
 
 
+# The facts worth prompt tokens: a small model reads every line, so bookkeeping (file name, preview
+# size, band-selection provenance, per-index percentiles) stays in `Answer.facts` but not in the prompt.
+PROMPT_FACT_KEYS = ("size", "band_count", "dtype", "crs", "gsd_m", "bounds_lonlat", "nodata_fraction", "band_order")
+PROMPT_INDEX_KEYS = ("mean", "vegetation_fraction", "water_fraction", "built_up_fraction")
+
+
+def prompt_facts(facts: Mapping[str, object]) -> dict[str, object]:
+    """The subset of imagery facts that goes into the prompt (see PROMPT_FACT_KEYS)."""
+    kept: dict[str, object] = {k: facts[k] for k in PROMPT_FACT_KEYS if k in facts}
+    indices = facts.get("spectral_indices")
+    if isinstance(indices, Mapping):
+        for name, stats in indices.items():
+            if isinstance(stats, Mapping):
+                kept[str(name)] = {k: stats[k] for k in PROMPT_INDEX_KEYS if k in stats}
+    return kept
+
+
 def render_facts(facts: Mapping[str, object]) -> str:
     """Facts measured by imagery tools, one ``- key: value`` line each, inside the facts block."""
     lines = [f"- {_one_line(k)}: {_one_line(_format_value(v))}" for k, v in _flatten(facts)]

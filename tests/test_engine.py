@@ -26,11 +26,11 @@ def _image() -> np.ndarray:
 def _uncached_ids(gc: GeoChat, image: np.ndarray, message: str, history: list[Turn], n: int) -> list[int]:
     """Reference: the plain LLaVA way, everything re-encoded, no cache reuse."""
     from geochat.model.processor import to_pixel_values
-    from geochat.prompting import build_user_message
+    from geochat.prompting import build_user_message, prompt_facts
 
     a = gc.assistant
     loaded = load_image(image)
-    user = build_user_message(message, facts=loaded.facts if not history else None)
+    user = build_user_message(message, facts=prompt_facts(loaded.facts) if not history else None)
     ids = gc._prompt_ids(history, user, with_image=True)
     pixels = to_pixel_values(loaded.rgb, a.image_size, a.config.image_mean, a.config.image_std)
     out = a.model.generate(

@@ -216,3 +216,13 @@ def test_cited_ids():
     text = "Band 8 is NIR [S1]. NDVI uses it [S2][S1]; see also [S3, S4] and [S10]. Not [X1] or S5."
     assert cited_ids(text) == ["S1", "S2", "S3", "S4", "S10"]
     assert cited_ids("nothing") == []
+
+
+def test_prompt_facts_keep_what_the_model_needs():
+    from geochat.prompting import prompt_facts
+
+    facts = {"file": "a.tif", "size": [64, 64], "crs": "EPSG:32633", "preview_scale": 1.0,
+             "spectral_indices": {"ndvi": {"formula": "(NIR - Red) / (NIR + Red)", "mean": 0.4, "p10": 0.1,
+                                           "vegetation_fraction": 0.5}}}
+    assert prompt_facts(facts) == {"size": [64, 64], "crs": "EPSG:32633",
+                                   "ndvi": {"mean": 0.4, "vegetation_fraction": 0.5}}

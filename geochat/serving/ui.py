@@ -62,6 +62,10 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
     with gr.Blocks(title="GeoChat", analytics_enabled=False) as demo:
         state = gr.State(ChatSession())
         gr.Markdown(HEADER + f"\n\nModel: `{model_name}`")
+        # Rendered in the right column below, but made first: the examples on the left fill them.
+        task = gr.Radio(choices=TASKS, value="chat", label="Task", elem_id="task", render=False)
+        message = gr.Textbox(label="Message", placeholder=PLACEHOLDERS["chat"], elem_id="message", lines=1,
+                             max_lines=6, render=False)
         with gr.Row():
             with gr.Column(scale=5):
                 image = gr.Image(label="Image — click two opposite corners to choose a region", type="pil",
@@ -84,14 +88,13 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
             with gr.Column(scale=6):
                 chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chat", feedback_options=None,
                                      placeholder="Upload an image or pick an example below, then ask.")
-                task = gr.Radio(choices=TASKS, value="chat", label="Task", elem_id="task")
+                task.render()
                 labels = gr.Textbox(label="Classify options (comma-separated)", visible=False, elem_id="labels",
                                     placeholder="airport, farmland, forest, harbour, residential")
                 with gr.Row(visible=False) as region_row:
                     corners = [gr.Number(label=name, precision=1, minimum=0, elem_id=f"region-{name}")
                                for name in ("x1", "y1", "x2", "y2")]
-                message = gr.Textbox(label="Message", placeholder=PLACEHOLDERS["chat"], elem_id="message",
-                                     lines=1, max_lines=6)
+                message.render()
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     reset = gr.Button("Start over", elem_id="start-over")
