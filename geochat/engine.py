@@ -227,6 +227,15 @@ class GeoChat:
             raw=raw,
         )
 
+    def chat_tiled(self, source: str | Path, message: str, **kwargs: Any) -> Answer:
+        """Ask `message` of every overlapping tile of a large raster; boxes merged in map coordinates.
+
+        See `geochat.tiling.chat_tiled` for the options (task, tile, overlap, bands, sensor).
+        """
+        from geochat.tiling import chat_tiled
+
+        return chat_tiled(self, source, message, **kwargs)
+
     def stream(self, image: ImageInput | None, message: str, **kwargs: Any) -> AnswerStream:
         """Like `chat`, but iterate over the result for text pieces; `.answer` is set at the end."""
         return AnswerStream(lambda on_text: self.chat(image, message, on_text=on_text, **kwargs))

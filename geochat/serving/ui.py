@@ -100,8 +100,8 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
                     reset = gr.Button("Start over", elem_id="start-over")
                     cot = gr.Checkbox(label="Show reasoning (chain of thought)", elem_id="cot")
                 status = gr.Markdown("", elem_id="status")
-                geojson = gr.File(label="Boxes as GeoJSON (EPSG:4326) for a GIS", interactive=False, elem_id="geojson",
-                                  height=90)
+                geojson = gr.DownloadButton("Download the boxes as GeoJSON (EPSG:4326, for a GIS)", visible=False,
+                                            elem_id="geojson", size="sm")
                 with gr.Accordion("Sources", open=False) as sources_box:
                     sources = gr.Markdown("*No sources yet.*", elem_id="sources")
 
@@ -111,7 +111,8 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
             """state, image, chatbot, geojson, sources, sources_box, status, 4 region numbers."""
             region = session.region or (None, None, None, None)
             return [
-                session, logic.view(session), session.transcript, session.geojson_path,
+                session, logic.view(session), session.transcript,
+                gr.DownloadButton(value=session.geojson_path, visible=session.geojson_path is not None),
                 sources_markdown(session.sources) or "*No sources for this answer.*",
                 gr.Accordion(label=f"Sources ({len(session.sources)})"), session.status, *region,
             ]
@@ -174,5 +175,6 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
             return shown(logic.reset(session))
 
         reset.click(on_reset, [state], common)
+        chatbot.clear(on_reset, [state], common)  # the chat's own bin icon starts over too
     demo.queue(default_concurrency_limit=logic.settings.max_concurrent_requests)
     return demo

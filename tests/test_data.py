@@ -1,0 +1,155 @@
+"""`geochat data build-instruct`: LLaVA-format conversations from generated RSICD/DOTA/SpaceNet-like data."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from rasterio.transform import from_origin
+
+from geochat.cli import main
+from geochat.data.instruct import presence_question
+from geochat.data.spacenet import min_area_rectangle
+from geochat.grounding import Box, grid_to_pixel, parse_boxes_strict, polygon_to_rotated_box, rotated_iou
+
+
+def _rect(cx: float, cy: float, w: float, h: float, theta: float) -> list[tuple[float, float]]:
+    return Box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, theta).corners()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sources")
+    rng = np.random.RandomState(0)
+    # RSICD-like
+    (root / "rsicd" / "images").mkdir(parents=True)
+    rows = []
+    for i, label in enumerate(["airport", "river", "airport", "forest"]):
+        Image.fromarray((rng.rand(32, 32, 3) * 255).astype(np.uint8)).save(root / "rsicd" / "images" / f"{i}.jpg")
+        caps = [f"many planes are parked near the terminal {i} ."] * 5 if label == "airport" else \
+               [f"a {label} with green trees {k} ." for k in range(5)]
+        rows.append({"image": f"images/{i}.jpg", "split": "train" if i < 3 else "test", "label": label, "captions": caps})
+    (root / "rsicd" / "annotations.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    # DOTA-like: a 700x600 image, two oriented ships and a harbor
+    (root / "dota" / "images").mkdir(parents=True)
+    (root / "dota" / "labels").mkdir()
+    Image.fromarray((rng.rand(600, 700, 3) * 255).astype(np.uint8)).save(root / "dota" / "images" / "P1.png")
+    objects = [("ship", _rect(100, 120, 60, 20, 30)), ("ship", _rect(200, 300, 50, 16, -60)),
+               ("harbor", _rect(620, 500, 80, 40, 0))]
+    lines = ["imagesource:GoogleEarth", "gsd:0.5"]
+    lines += [" ".join(f"{v:.2f}" for p in c for v in p) + f" {label} 0" for label, c in objects]
+    (root / "dota" / "labels" / "P1.txt").write_text("\n".join(lines) + "\n")
+    # SpaceNet-like: 600x600 uint16 panchromatic in UTM with one rotated building footprint
+    tif = root / "pan.tif"
+    transform = from_origin(500000.0, 4000000.0, 0.5, 0.5)
+    with rasterio.open(tif, "w", driver="GTiff", width=600, height=600, count=1, dtype="uint16",
+                       crs="EPSG:32616", transform=transform, nodata=0) as ds:
+        ds.write((rng.rand(1, 600, 600) * 1000 + 1).astype(np.uint16))
+    ring = [transform * p for p in _rect(150, 100, 40, 20, 20)]
+    geo = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [[*map(list, ring), list(ring[0])]]}}]}
+    (root / "pan.geojson").write_text(json.dumps(geo))
+    return {"rsicd": root / "rsicd", "dota": root / "dota", "tif": tif, "geojson": root / "pan.geojson"}
+
+
+@pytest.fixture(scope="module")
+def built(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("built") / "instruct.json"
+    assert main(["data", "build-instruct", "--rsicd", str(sources["rsicd"]), "--dota", str(sources["dota"]),
+                 "--spacenet", str(sources["tif"]), str(sources["geojson"]), "--out", str(out)]) == 0
+    return out, json.loads(out.read_text())
+
+
+def test_llava_format(built: tuple[Path, list[dict]]) -> None:
+    out, samples = built
+    assert len({s["id"] for s in samples}) == len(samples)
+    for s in samples:
+        assert set(s) == {"id", "image", "conversations"}
+        human, gpt = s["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert human["value"].count("<image>") == 1 and "<<<IMAGE FACTS>>>" in human["value"]
+        assert gpt["from"] == "gpt" and gpt["value"].strip()
+        assert (out.parent / s["image"]).is_file()
+    rsicd = [s for s in samples if s["id"].startswith("rsicd")]
+    assert {s["id"].rsplit("-", 1)[1] for s in rsicd} >= {"brief", "detail", "options", "class", "yesno"}
+    assert len({s["image"] for s in rsicd}) == 3  # train split only
+
+
+def test_classification_answers_and_options(built: tuple[Path, list[dict]]) -> None:
+    for s in built[1]:
+        if s["id"].endswith("-options"):
+            human, gpt = s["conversations"]
+            assert f"{gpt['value']}" in human["value"].split("one of:")[1]
+            assert gpt["value"] in ("airport", "river")
+
+
+def _grounding_samples(samples: list[dict], prefix: str, kind: str) -> list[dict]:
+    return [s for s in samples if s["id"].startswith(prefix) and s["id"].split("-")[-2 if kind == "refer" else -1] == kind]
+
+
+def test_dota_boxes_map_back_to_the_quadrilaterals(built: tuple[Path, list[dict]], sources: dict[str, Path]) -> None:
+    out, samples = built
+    refer = [s for s in samples if s["id"].startswith("dota") and "-refer-ship" in s["id"]]
+    assert refer and all("[refer]" in s["conversations"][0]["value"] for s in refer)
+    ships = [polygon_to_rotated_box(_rect(100, 120, 60, 20, 30)), polygon_to_rotated_box(_rect(200, 300, 50, 16, -60))]
+    for s in refer:
+        _, col, row = s["image"].rsplit(".", 1)[0].rsplit("-", 2)
+        size = Image.open(out.parent / s["image"]).size[0]
+        for box in parse_boxes_strict(s["conversations"][1]["value"]):
+            (x1, y1), (x2, y2) = grid_to_pixel([(box.x1, box.y1), (box.x2, box.y2)], size, size)
+            pixel = Box(x1 + int(col), y1 + int(row), x2 + int(col), y2 + int(row), box.theta)
+            assert max(rotated_iou(pixel, Box(*ref)) for ref in ships) > 0.8  # grid rounding only
+    kinds = {s["id"].rsplit("-", 1)[1] for s in samples if s["id"].startswith("dota")}
+    assert {"grounding", "identify"} <= kinds
+
+
+def test_spacenet_footprint_becomes_its_rectangle(built: tuple[Path, list[dict]]) -> None:
+    out, samples = built
+    refer = [s for s in samples if s["id"].startswith("spacenet") and "-refer-building" in s["id"]]
+    assert len(refer) == 1
+    (box,) = parse_boxes_strict(refer[0]["conversations"][1]["value"])
+    (x1, y1), (x2, y2) = grid_to_pixel([(box.x1, box.y1), (box.x2, box.y2)], 300, 300)
+    truth = Box(*polygon_to_rotated_box(_rect(150, 100, 40, 20, 20)))
+    assert rotated_iou(Box(x1, y1, x2, y2, box.theta), truth) > 0.85
+    assert abs(((box.theta - 20) + 90) % 180 - 90) <= 1
+
+
+def test_min_area_rectangle_recovers_a_rotated_rectangle() -> None:
+    corners = _rect(50, 40, 30, 10, 35)
+    extra = [(50.0, 40.0), (55.0, 41.0)]  # interior points do not change it
+    rect = min_area_rectangle(corners + extra)
+    assert rotated_iou(Box(*polygon_to_rotated_box(rect)), Box(*polygon_to_rotated_box(corners))) == pytest.approx(1.0, abs=1e-6)
+    area = abs(sum(rect[i][0] * rect[(i + 1) % 4][1] - rect[(i + 1) % 4][0] * rect[i][1] for i in range(4))) / 2
+    assert area == pytest.approx(300.0) and not math.isnan(area)
+
+
+def test_presence_questions_follow_the_captions() -> None:
+    rng = random.Random(0)
+    caps = ["a river runs past green trees ."] * 5
+    for _ in range(50):
+        q, a = presence_question(caps, rng)  # type: ignore[misc]
+        mentioned = "river" in q or "tree" in q
+        assert (a == "Yes.") == mentioned
+
+
+def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "build-instruct", "--out", str(tmp_path / "x.json")]) == 2
+    assert main(["data", "build-instruct", "--rsicd", str(tmp_path / "missing"), "--out", str(tmp_path / "x.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_real_dota_and_spacenet(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "real.json"
+    assert main(["data", "build-instruct", "--dota", str(shared_data / "dota"), "--spacenet",
+                 str(shared_data / "georef" / "buildings_uint16_utm16.tif"),
+                 str(shared_data / "georef" / "buildings_uint16_utm16.geojson"), "--out", str(out), "--no-facts"]) == 0
+    samples = json.loads(out.read_text())
+    assert any("[refer]" in s["conversations"][0]["value"] for s in samples)
+    for s in samples:
+        parse_boxes_strict(s["conversations"][1]["value"])  # every answer's boxes are well-formed

@@ -1,0 +1,66 @@
+"""Tiled chat over large rasters: tile plans, box merging, and map coordinates of tile boxes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from geochat import GeoChat
+from geochat.answer import Answer
+from geochat.grounding import Box
+from geochat.imagery import load_image, pixel_to_lonlat
+from geochat.tiling import merge_boxes, plan_tiles
+from tests.tiny import tiny_config
+
+
+def test_plan_tiles_cover_with_overlap() -> None:
+    tiles = plan_tiles(2500, 1000, tile=1024, overlap=128)
+    assert {(t.col, t.row) for t in tiles} == {(0, 0), (896, 0), (1476, 0)}
+    assert all(t.col + t.width <= 2500 and t.row + t.height <= 1000 for t in tiles)
+    covered = set()
+    for t in tiles:
+        covered.update(range(t.col, t.col + t.width))
+    assert covered == set(range(2500))
+    assert plan_tiles(300, 200) == [plan_tiles(300, 200)[0]] and plan_tiles(300, 200)[0].width == 300
+    with pytest.raises(ValueError):
+        plan_tiles(100, 100, tile=64, overlap=64)
+
+
+def test_merge_boxes_per_phrase() -> None:
+    a = Box(0, 0, 100, 100)
+    near_dup = Box(5, 5, 100, 100)
+    other = Box(300, 300, 350, 350)
+    merged = merge_boxes([("car", near_dup), ("car", a), ("car", other), ("tree", near_dup)])
+    assert ("car", a) in merged and ("car", other) in merged and ("tree", near_dup) in merged
+    assert ("car", near_dup) not in merged and len(merged) == 3
+
+
+def test_tile_boxes_land_in_raster_and_map_coordinates(tiny_llm_dir: Path, geotiffs: dict[str, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tile reports a 20 px box at its centre; merged boxes must sit at the tiles' centres in the raster."""
+    gc = GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=4)
+    path = geotiffs["rect_600x300_utm.tif"]
+    real_chat = gc.chat
+
+    def chat_with_a_full_tile_box(image, message, **kwargs):  # type: ignore[no-untyped-def]
+        answer: Answer = real_chat(image, message, **kwargs)
+        h, w = image.shape[:2]
+        from geochat.answer import BoxResult
+        box = (w / 2 - 10, h / 2 - 10, w / 2 + 10, h / 2 + 10, 0.0)
+        return Answer(**{**answer.__dict__, "boxes": [BoxResult("tile", box, None)]})
+
+    monkeypatch.setattr(gc, "chat", chat_with_a_full_tile_box)
+    answer = gc.chat_tiled(path, "everything", tile=256, overlap=32)
+    tiles = plan_tiles(600, 300, 256, 32)
+    assert len(answer.boxes) == len(tiles)
+    expected = sorted((round(t.col + t.width / 2 - 10), round(t.row + t.height / 2 - 10),
+                       round(t.col + t.width / 2 + 10), round(t.row + t.height / 2 + 10)) for t in tiles)
+    got = sorted(tuple(round(v) for v in b.pixel[:4]) for b in answer.boxes)
+    assert got == expected
+    info = load_image(path).info
+    first = min(answer.boxes, key=lambda b: (b.pixel[1], b.pixel[0]))
+    assert first.polygon_lonlat is not None
+    corner = pixel_to_lonlat(info, [(first.pixel[0], first.pixel[1])])
+    assert corner is not None and first.polygon_lonlat[0] == pytest.approx(corner[0])
+    assert answer.geojson is not None and len(answer.geojson["features"]) == len(tiles)
