@@ -125,3 +125,15 @@ def test_answer_json_contract(gc: GeoChat, geotiffs: dict[str, Path]) -> None:
     assert "untrained" in data["model"]["name"]
     assert set(data["timings"]) == {"encode_s", "ttft_s", "total_s"}
     assert data["facts"]["crs"].startswith("EPSG:")
+
+
+def test_concurrent_users_get_their_own_answers(gc: GeoChat) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [np.full((24 + 8 * i, 40, 3), 30 * i, np.uint8) for i in range(4)]
+    questions = [f"question {i}" for i in range(4)]
+    sequential = [gc.chat(img, q).raw for img, q in zip(images, questions, strict=True)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda iq: gc.chat(*iq).raw, zip(images, questions, strict=True)))
+    assert concurrent == sequential
+    assert len(set(sequential)) > 1  # the inputs differ, so must the answers
