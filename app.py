@@ -1,10 +1,12 @@
 """The GeoChat app: the Gradio page and the HTTP API from one process (`make demo`).
 
     python app.py [--host 127.0.0.1] [--port 7860] [--model NAME_OR_DIR] [--max-new-tokens N]
-                  [--api-token TOKEN] [--allowed-image-dir DIR ...]
+                  [--api-token TOKEN] [--allowed-image-dir DIR ...] [--no-retrieval] [--k 4]
+                  [--index-dir DIR | --chroma-host H --chroma-port P]
 
 The page is at http://HOST:PORT/, the API at /v1/chat/completions, /v1/ground and /health (see
-docs/API.md). The API token may also come from $GEOCHAT_API_TOKEN.
+docs/API.md). The API token may also come from $GEOCHAT_API_TOKEN. Answers cite the shipped
+documentation (knowledge/), indexed on first start, unless --no-retrieval.
 """
 
 from __future__ import annotations
@@ -13,26 +15,47 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry calls from an offline server
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if TYPE_CHECKING:
+    from geochat.engine import GeoChat
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from geochat.engine import DEFAULT_MAX_NEW_TOKENS
+    from geochat.commands.index import add_store_arguments
     from geochat.serving.limits import REPO_EXAMPLES, ServingSettings
 
     p = argparse.ArgumentParser(description="GeoChat: chat about remote-sensing imagery (web app + HTTP API)")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--model", default=None, help="assistant directory or hub id (default: the offline default model)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer in tokens (default: the engine's)")
     p.add_argument("--api-token", default=ServingSettings.token_from_env(),
                    help="bearer token required by /v1/* (default: $GEOCHAT_API_TOKEN; none = open)")
     p.add_argument("--allowed-image-dir", action="append", type=Path, default=None,
                    help=f"directory whose files the API may read by path (repeatable; default: {REPO_EXAMPLES})")
+    p.add_argument("--no-retrieval", action="store_true", help="answer without documentation passages")
+    p.add_argument("--k", type=int, default=4, help="documentation passages per question (default 4)")
+    add_store_arguments(p)
     return p.parse_args(argv)
+
+
+def attach_retriever(gc: GeoChat, args: argparse.Namespace) -> None:
+    """Documentation passages (and similar archive images) for the answers, as `geochat ask` has them."""
+    from geochat.retrieval import StoreLocation, ensure_retriever
+
+    location = StoreLocation.resolve(args.index_dir, args.chroma_host, args.chroma_port)
+    retriever, built = ensure_retriever(location, k=args.k)
+    if built is not None:
+        print(f"indexed the documentation: {built.summary('documents')} ({location})", flush=True)
+    if retriever is None:
+        print(f"no documentation index at {location}; answering without retrieval", flush=True)
+    gc.retriever = retriever
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,9 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     from geochat.serving import ServingSettings, create_app
 
     try:
-        settings = ServingSettings(api_token=args.api_token,
-                                   **({"allowed_image_dirs": tuple(args.allowed_image_dir)} if args.allowed_image_dir else {}))
-        gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
+        settings = ServingSettings(api_token=args.api_token)
+        if args.allowed_image_dir:
+            settings = replace(settings, allowed_image_dirs=tuple(args.allowed_image_dir))
+        if args.k < 1:
+            raise ValueError(f"--k must be at least 1, got {args.k}")
+        gc = GeoChat.from_pretrained(args.model)
+        if args.max_new_tokens is not None:
+            gc.max_new_tokens = args.max_new_tokens
+        if not args.no_retrieval:
+            attach_retriever(gc, args)
     except (GeoChatError, ValueError) as exc:
         print(f"app.py: error: {exc}", file=sys.stderr)
         return 2

@@ -88,7 +88,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--index-dir", type=Path, default=None)
-    parser.add_argument("--e2e", default="0", help="questions for the end-to-end run: a number or 'all' (default 0)")
+    parser.add_argument("--e2e", default="0",
+                        help="questions for the end-to-end run: a number (an evenly spaced sample) or 'all' (default 0)")
+    parser.add_argument("--k", type=int, default=4, help="passages in the prompt for the end-to-end run (default 4, as ask)")
     parser.add_argument("--baseline", action="store_true", help="also run end to end without retrieval")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
@@ -104,9 +106,11 @@ def main() -> int:
     }
     n_e2e = len(rows) if args.e2e == "all" else min(int(args.e2e), len(rows))
     if n_e2e:
-        result["end_to_end"] = end_to_end(retriever, rows[:n_e2e], args.max_new_tokens)
+        sample = [rows[round(i * len(rows) / n_e2e)] for i in range(n_e2e)]
+        result["end_to_end"] = end_to_end(Retriever(store, k=args.k), sample, args.max_new_tokens)
+        result["end_to_end"]["k"] = args.k
         if args.baseline:
-            result["end_to_end_without_retrieval"] = end_to_end(None, rows[:n_e2e], args.max_new_tokens)
+            result["end_to_end_without_retrieval"] = end_to_end(None, sample, args.max_new_tokens)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

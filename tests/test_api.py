@@ -73,6 +73,7 @@ def settings(geotiffs: dict[str, Path]) -> ServingSettings:
         max_image_pixels=50_000_000,       # sparse_20000.tif (400 Mpx) is "too big"
         max_prompt_chars=2_000,
         max_concurrent_requests=2,         # 8 concurrent requests must queue, not fail
+        queue_timeout_s=30,                # a leaked slot would show as 503s, not a hang
         api_token=TOKEN,
         allowed_image_dirs=(fixtures_dir,),
     )

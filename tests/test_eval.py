@@ -54,7 +54,7 @@ def test_caption_metrics_perfect_is_one(caption_items: tuple[dict[str, float], l
 
 def test_caption_metrics_drop_on_shuffled_words(caption_items: tuple[dict[str, float], list[dict[str, float]]]) -> None:
     corpus, items = caption_items
-    for perfect, shuffled in zip(items[:3], items[3:]):
+    for perfect, shuffled in zip(items[:3], items[3:], strict=False):
         assert shuffled["BLEU-1"] == pytest.approx(perfect["BLEU-1"], abs=1e-6)  # same words...
         assert shuffled["BLEU-4"] < 0.2 < perfect["BLEU-4"]                         # ...in the wrong order
         for key in ("METEOR", "ROUGE-L", "CIDEr"):
@@ -151,10 +151,10 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_tower_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
     from geochat.train.dual_encoder import save_tower
-
-    import torch
 
     torch.manual_seed(0)
     config = GeoHybridVisionConfig(**{**{k: v for k, v in TINY_VISION.items() if k != "model_type"}, "projection_dim": 384})

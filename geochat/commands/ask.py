@@ -52,7 +52,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _retriever(args: argparse.Namespace) -> Any | None:
-    """The docs retriever; the index is built from the shipped knowledge/ on first use."""
+    """The docs retriever; the index is built from the shipped knowledge/ on first use (and kept in step with it)."""
     from geochat.retrieval import StoreLocation, ensure_retriever
 
     if args.k < 1:
@@ -60,7 +60,7 @@ def _retriever(args: argparse.Namespace) -> Any | None:
     location = StoreLocation.resolve(args.index_dir, args.chroma_host, args.chroma_port)
     retriever, built = ensure_retriever(location, k=args.k)
     if built is not None:
-        print(f"geochat: built the documentation index: {built.summary('documents')} ({location})", file=sys.stderr)
+        print(f"geochat: indexed the documentation: {built.summary('documents')} ({location})", file=sys.stderr)
     if retriever is None:
         print(f"geochat: no documentation index at {location}; answering without retrieval", file=sys.stderr)
     return retriever

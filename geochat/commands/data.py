@@ -21,6 +21,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--split", default="train", help="RSICD split to use (default: train)")
     p.add_argument("--limit", type=int, help="use only N RSICD images (a seeded random subset)")
     p.add_argument("--no-facts", action="store_true", help="leave out the image-facts block the engine adds")
+    p.add_argument("--kinds", help="comma-separated sample kinds to write (default: all): "
+                   "brief,detail,options,class,yesno,refer,grounding,identify")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -34,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         if path is not None and not path.exists():
             raise GeoChatError(f"not found: {path}")
     try:
-        opts = BuildOptions(split=args.split, limit=args.limit, facts=not args.no_facts, seed=args.seed)
+        kinds = {"kinds": tuple(k.strip() for k in args.kinds.split(",") if k.strip())} if args.kinds else {}
+        opts = BuildOptions(split=args.split, limit=args.limit, facts=not args.no_facts, seed=args.seed, **kinds)
     except ValueError as exc:
         raise GeoChatError(str(exc)) from exc
     counts = build_instruct(args.out, args.rsicd, args.dota, tuple(args.spacenet) if args.spacenet else None, opts)

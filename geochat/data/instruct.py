@@ -37,6 +37,7 @@ from geochat.prompting import Task, build_user_message
 
 IMAGE_PLACEHOLDER = "<image>"
 DETAILED_PROMPT = "Describe the image in detail."
+KINDS = ("brief", "detail", "options", "class", "yesno", "refer", "grounding", "identify")
 MAX_BOXES = 12          # refer/grounding answers longer than this are skipped (sequence length)
 DOTA_TILE, DOTA_STRIDE = 512, 384
 SPACENET_TILE = 300
@@ -75,10 +76,14 @@ class BuildOptions:
     limit: int | None = None         # RSICD images used (first N of the split, shuffled by seed)
     facts: bool = True               # add the image-facts block, as the engine does at inference
     seed: int = 0
+    kinds: tuple[str, ...] = KINDS   # which kinds of sample to write
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
+        unknown = sorted(set(self.kinds) - set(KINDS))
+        if unknown or not self.kinds:
+            raise ValueError(f"unknown sample kinds {unknown}; choose from {', '.join(KINDS)}")
 
 
 def _phrase(label: str, n: int) -> str:
@@ -159,8 +164,13 @@ def tile_samples(tile: Path, out_dir: Path, objects: Sequence[tuple[str, tuple[f
                  opts: BuildOptions, rng: random.Random) -> Iterator[dict[str, Any]]:
     """refer / grounding / identify samples of one tile; `objects` = (class, pixel box in the tile)."""
     by_class: dict[str, list[Box]] = defaultdict(list)
-    for label, (x1, y1, x2, y2, theta) in objects:
-        by_class[label].append(pixel_box_to_grid(x1, y1, x2, y2, size, size, theta))
+    for label, pixel_box in objects:
+        x1, y1, x2, y2, theta = pixel_box
+        box = canonical_box(pixel_box_to_grid(x1, y1, x2, y2, size, size, theta))
+        if box is not None:
+            by_class[label].append(box)
+    if not by_class:
+        return
     facts = _facts(tile, opts.facts)
     sid = tile.stem
     for label, boxes in sorted(by_class.items()):
@@ -178,6 +188,20 @@ def tile_samples(tile: Path, out_dir: Path, objects: Sequence[tuple[str, tuple[f
     yield sample(f"{sid}-identify", tile, out_dir,
                  build_user_message("", Task.IDENTIFY, region=rng.choice(boxes), facts=facts),
                  f"This is a {_phrase(label, 1)}.")
+
+
+def canonical_box(box: Box) -> Box | None:
+    """The same rectangle with |θ| <= 45 (width and height swapped when turned by 90°), so that its
+    unrotated corners stay near the object; None when they still leave the 0–100 grid (the model's
+    box grammar cannot say that)."""
+    if abs(box.theta) > 45:
+        cx, cy = box.center
+        w, h = box.x2 - box.x1, box.y2 - box.y1
+        theta = box.theta - 90 if box.theta > 0 else box.theta + 90
+        box = Box(cx - h / 2, cy - w / 2, cx + h / 2, cy + w / 2, theta)
+    if min(box.x1, box.y1) < 0 or max(box.x2, box.y2) > 100:
+        return None
+    return box
 
 
 def _shift(box: tuple[float, ...], col: int, row: int) -> tuple[float, ...]:
@@ -255,16 +279,22 @@ def build_instruct(out: Path, rsicd: Path | None = None, dota: Path | None = Non
         items = [i for i in all_items if i.split == opts.split]
         random.Random(opts.seed).shuffle(items)
         items = items[: opts.limit] if opts.limit else items
-        counts["rsicd"] = _extend(samples, rsicd_samples(items, labels, out_dir, opts))
+        counts["rsicd"] = _extend(samples, rsicd_samples(items, labels, out_dir, opts), opts.kinds)
     if dota is not None:
-        counts["dota"] = _extend(samples, dota_samples(dota, out_dir, opts))
+        counts["dota"] = _extend(samples, dota_samples(dota, out_dir, opts), opts.kinds)
     if spacenet is not None:
-        counts["spacenet"] = _extend(samples, spacenet_samples(*spacenet, out_dir, opts))
+        counts["spacenet"] = _extend(samples, spacenet_samples(*spacenet, out_dir, opts), opts.kinds)
     out.write_text(json.dumps(samples, ensure_ascii=False, indent=1), encoding="utf-8")
     return counts
 
 
-def _extend(samples: list[dict[str, Any]], new: Iterator[dict[str, Any]]) -> int:
+def sample_kind(sample_id: str) -> str:
+    """The kind of a sample from its id (`rsicd-00001-brief`, `dota-P1-0-0-refer-ship`, ...)."""
+    parts = sample_id.split("-")
+    return "refer" if "refer" in parts else parts[-1]
+
+
+def _extend(samples: list[dict[str, Any]], new: Iterator[dict[str, Any]], kinds: Sequence[str]) -> int:
     before = len(samples)
-    samples.extend(new)
+    samples.extend(s for s in new if sample_kind(s["id"]) in kinds)
     return len(samples) - before

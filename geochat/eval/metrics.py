@@ -31,7 +31,7 @@ def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
         return 0.0
-    return sum(p == r for p, r in zip(predictions, references)) / len(references)
+    return sum(p == r for p, r in zip(predictions, references, strict=False)) / len(references)
 
 
 def accuracy_by(predictions: Sequence[str], references: Sequence[str], groups: Sequence[str]) -> dict[str, float]:
@@ -109,9 +109,9 @@ def caption_scores_with_items(
         meteor, meteor_items = Meteor().compute_score(gts_tok, res_tok)
         rouge, rouge_items = Rouge().compute_score(gts_tok, res_tok)
         cider, cider_items = Cider().compute_score(gts_tok, res_tok)
-    corpus = {k: float(v) for k, v in zip(CAPTION_KEYS, [*bleu, meteor, rouge, cider])}
+    corpus = {k: float(v) for k, v in zip(CAPTION_KEYS, [*bleu, meteor, rouge, cider], strict=False)}
     items = [
-        {k: float(v) for k, v in zip(CAPTION_KEYS, [*(b[i] for b in bleu_items), meteor_items[i], rouge_items[i], cider_items[i]])}
+        {k: float(v) for k, v in zip(CAPTION_KEYS, [*(b[i] for b in bleu_items), meteor_items[i], rouge_items[i], cider_items[i]], strict=False)}
         for i in range(len(candidates))
     ]
     return corpus, items

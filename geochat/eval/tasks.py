@@ -113,7 +113,7 @@ def _classification_result(rows: Sequence[Row], labels: Sequence[str], predicted
     metrics = {"task": "classify", "n": len(rows), "accuracy": accuracy(predicted, gold),
                "per_class": accuracy_by(predicted, gold, gold)}
     preds = [{"image": str(r.image), "label": g, "predicted": p, **({"answer": raw[i]} if raw else {})}
-             for i, (r, g, p) in enumerate(zip(rows, gold, predicted))]
+             for i, (r, g, p) in enumerate(zip(rows, gold, predicted, strict=False))]
     return EvalResult(metrics, preds, confusion_matrix(predicted, gold, labels), list(labels))
 
 
@@ -130,7 +130,7 @@ def caption(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult
     for r in tqdm(rows, desc="caption", disable=not progress):
         candidates.append(chat.chat(_rgb(r), "", task="caption", max_new_tokens=CAPTION_MAX_NEW_TOKENS).answer)
     scores = caption_scores(candidates, [list(r.captions) for r in rows])
-    preds = [{"image": str(r.image), "caption": c, "reference": r.captions[0]} for r, c in zip(rows, candidates)]
+    preds = [{"image": str(r.image), "caption": c, "reference": r.captions[0]} for r, c in zip(rows, candidates, strict=False)]
     return EvalResult({"task": "caption", "n": len(rows), **scores}, preds)
 
 

@@ -152,7 +152,7 @@ def chunk_document(document: Any, embedder: TextEmbedder) -> list[Any]:
         chunk_size=CHUNK_TOKENS, chunk_overlap=CHUNK_OVERLAP, tokenizer=embedder.count_tokens,
         include_prev_next_rel=False,
     )
-    chunks = splitter.get_nodes_from_documents(kept)
+    chunks = splitter(kept)
     source = document.metadata["source"]
     for i, chunk in enumerate(chunks):
         chunk.id_ = f"{source}#{i}"
@@ -171,6 +171,40 @@ def find_docs(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.md") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
+@dataclass
+class DocsPlan:
+    """What an incremental run has to do: files to (re-)embed, sources to delete, files unchanged."""
+
+    todo: list[tuple[Path, str, str]]  # (path, source, content hash)
+    removed: list[str]
+    changed: list[str]
+    skipped: int
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.todo and not self.removed
+
+
+def plan_docs(col: Any, root: Path) -> DocsPlan:
+    """Compare the Markdown files under `root` with the collection's stored hashes (reads only)."""
+    stored = _stored_hashes(col) if col is not None else {}
+    todo, skipped = [], 0
+    paths = find_docs(root)
+    for path in paths:
+        source, digest = source_name(root, path), file_hash(path)
+        if stored.get(source) == digest:
+            skipped += 1
+        else:
+            todo.append((path, source, digest))
+    removed = sorted(set(stored) - {source_name(root, p) for p in paths})
+    return DocsPlan(todo, removed, [s for _, s, _ in todo if s in stored], skipped)
+
+
+def docs_root_of(col: Any) -> str | None:
+    """The directory a docs collection mirrors, as recorded by `index_docs`."""
+    return None if col is None else (col.metadata or {}).get("geochat_root")
+
+
 def index_docs(
     store: IndexStore,
     root: Path,
@@ -184,29 +218,18 @@ def index_docs(
     start = time.perf_counter()
     root = root.resolve()
     embedder = embedder or TextEmbedder()
-    paths = find_docs(root)
+    find_docs(root)  # a missing directory fails before the store is touched
     if rebuild:
         store.drop(DOCS)
     col = store.writable_collection(DOCS, embedder.name, embedder.dim)
-    vector_store = ChromaVectorStore(chroma_collection=col)
-    stored = _stored_hashes(col)
-    report = IndexReport(files=len(paths))
-    todo: list[tuple[Path, str, str]] = []
-    for path in paths:
-        source, digest = source_name(root, path), file_hash(path)
-        if stored.get(source) == digest:
-            report.skipped += 1
-        else:
-            todo.append((path, source, digest))
-    current = {source_name(root, p) for p in paths}
-    report.removed_files = sorted(set(stored) - current)
-    for source in [*report.removed_files, *(s for _, s, _ in todo if s in stored)]:
+    plan = plan_docs(col, root)
+    for source in [*plan.removed, *plan.changed]:
         col.delete(where={"source": source})
-    chunks = [c for path, source, digest in todo for c in chunk_document(load_document(path, source, digest), embedder)]
-    _embed_and_add(vector_store, chunks, embedder, progress)
-    report.embedded_files = [s for _, s, _ in todo]
-    report.chunks_embedded = len(chunks)
-    report.total_records = store.finish(col)
+    chunks = [c for path, source, digest in plan.todo for c in chunk_document(load_document(path, source, digest), embedder)]
+    _embed_and_add(ChromaVectorStore(chroma_collection=col), chunks, embedder, progress)
+    report = IndexReport(files=plan.skipped + len(plan.todo), skipped=plan.skipped, removed_files=plan.removed,
+                         embedded_files=[s for _, s, _ in plan.todo], chunks_embedded=len(chunks))
+    report.total_records = store.finish(col, geochat_root=str(root))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -218,7 +241,7 @@ def _embed_and_add(vector_store: Any, chunks: Sequence[Any], embedder: TextEmbed
                file=sys.stderr)
     for batch in _batches(chunks, 64):
         vectors = embedder.embed_texts([c.get_content(metadata_mode=MetadataMode.EMBED) for c in batch])
-        for chunk, vector in zip(batch, vectors):
+        for chunk, vector in zip(batch, vectors, strict=True):
             chunk.embedding = vector.tolist()
         vector_store.add(list(batch))
         bar.update(len(batch))

@@ -11,9 +11,9 @@ Image embedders (the name goes into the collection's metadata; one collection ne
   The tower's transformer blocks and head are random before training, so the stem is the part
   that carries scene similarity (a linear probe on it reaches 0.76 on 31 RSICD classes). It has no
   text side: text→image search then goes through the captions' MiniLM embeddings.
-- `tower:DIR`: a trained `GeoHybridVisionModel` saved in DIR (the dual encoder of issue 5), its
-  `pooler_output` (384-d) aligned with MiniLM; it has a text side (MiniLM itself). Used by default
-  when `adapters/geochat-mini/vision/` holds one.
+- `tower:DIR`: the trained dual encoder's tower saved under DIR/vision/ (`geochat.train.dual_encoder`),
+  its `pooler_output` (384-d) aligned with MiniLM; it has a text side (MiniLM itself). Used by
+  default (`auto`) once `adapters/geochat-mini/vision/` ships one.
 
 Captions come from a sidecar `<stem>.txt` / `<name>.txt`, or from `annotations.jsonl` files in
 the tree (`{"image": path relative to the file, "captions": [...], "label": ...}`). The date comes
@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,7 +49,7 @@ EMBED_SIZE = 224
 EMBED_BATCH = 16
 STEM_EMBEDDER = "efficientnet-lite0-stem-mean"
 TOWER_PREFIX = "tower:"
-TRAINED_TOWER_DIR = Path(__file__).resolve().parents[2] / "adapters" / "geochat-mini" / "vision"
+TRAINED_DEFAULT_DIR = Path(__file__).resolve().parents[2] / "adapters" / "geochat-mini"
 _DATE_TAGS = ("ACQUISITIONDATETIME", "ACQUISITION_DATE", "DATE_ACQUIRED", "TIFFTAG_DATETIME", "DATETIME")
 _TAG_DATE = re.compile(r"((?:19|20)\d{2})[:\-/]?(0[1-9]|1[0-2])[:\-/]?(0[1-9]|[12]\d|3[01])")
 _NAME_DATE = re.compile(r"(?<!\d)((?:19|20)\d{2})-?(0[1-9]|1[0-2])-?(0[1-9]|[12]\d|3[01])(?!\d)")
@@ -67,13 +69,13 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _pixels(rgbs: Sequence[np.ndarray]) -> Any:
+def _pixels(rgbs: Sequence[np.ndarray], size: int = EMBED_SIZE) -> Any:
     import torch
 
     from geochat.model.hybrid_tower import IMAGE_MEAN, IMAGE_STD
     from geochat.model.processor import to_pixel_values
 
-    return torch.cat([to_pixel_values(rgb, EMBED_SIZE, IMAGE_MEAN, IMAGE_STD) for rgb in rgbs])  # (B, 3, S, S)
+    return torch.cat([to_pixel_values(rgb, size, IMAGE_MEAN, IMAGE_STD) for rgb in rgbs])  # (B, 3, S, S)
 
 
 class StemEmbedder:
@@ -83,14 +85,15 @@ class StemEmbedder:
     dim = 1280
     has_text_side = False
 
-    def __init__(self) -> None:
+    @cached_property
+    def tower(self) -> Any:
         from transformers import AutoModel
 
         from geochat.model.hybrid_tower import GeoHybridVisionConfig
 
-        self.tower = AutoModel.from_config(GeoHybridVisionConfig())
-        self.tower.load_stem_weights()
-        self.tower.eval()
+        tower = AutoModel.from_config(GeoHybridVisionConfig())
+        tower.load_stem_weights()
+        return tower.eval()
 
     def embed_images(self, rgbs: Sequence[np.ndarray]) -> np.ndarray:
         import torch
@@ -104,31 +107,39 @@ class StemEmbedder:
 
 
 class TowerEmbedder:
-    """A trained dual-encoder tower: `pooler_output` (B, 384), aligned with MiniLM's text space."""
+    """A trained dual-encoder tower: `pooler_output` (B, 384), aligned with MiniLM's text space.
+
+    `directory` holds `vision/` as the align stage writes it (an align output or an assistant
+    directory); `geochat.train.dual_encoder.load_tower` reads it and adds the shipped stem.
+    """
 
     has_text_side = True
 
     def __init__(self, directory: Path) -> None:
-        from transformers import AutoModel
+        from geochat.model.hybrid_tower import GeoHybridVisionConfig
 
-        import geochat.model.hybrid_tower  # noqa: F401  (registers the tower with AutoModel)
-
-        if not (directory / "config.json").is_file():
-            raise GeoChatError(f"no vision tower in {directory} (config.json missing)")
+        vision = directory / "vision"
+        if not (vision / "config.json").is_file():
+            raise GeoChatError(f"no trained vision tower in {directory} ({vision}/config.json missing)")
+        self.directory = directory
         self.name = f"{TOWER_PREFIX}{directory.resolve()}"
-        self.tower = AutoModel.from_pretrained(directory, local_files_only=True)
-        self.tower.load_stem_weights()  # the shipped adapter leaves the packaged stem out
-        self.tower.eval()
-        self.dim = int(self.tower.config.projection_dim)
+        self.dim = int(GeoHybridVisionConfig.from_pretrained(vision).projection_dim)
         self._text = TextEmbedder()
         if self.dim != self._text.dim:
             raise GeoChatError(f"the tower in {directory} projects to {self.dim}-d, MiniLM gives {self._text.dim}-d")
 
+    @cached_property
+    def tower(self) -> Any:
+        from geochat.train.dual_encoder import load_tower
+
+        return load_tower(self.directory)
+
     def embed_images(self, rgbs: Sequence[np.ndarray]) -> np.ndarray:
         import torch
 
+        size = self.tower.config.image_size
         with torch.inference_mode():
-            pooled = self.tower(pixel_values=_pixels(rgbs)).pooler_output  # (B, 384)
+            pooled = self.tower(pixel_values=_pixels(rgbs, size)).pooler_output  # (B, 384)
         return _unit(pooled.float().numpy())
 
     def embed_text(self, text: str) -> np.ndarray:
@@ -142,7 +153,8 @@ def image_embedder_from_name(name: str) -> ImageEmbedder:
     if name.startswith(TOWER_PREFIX):
         return TowerEmbedder(Path(name[len(TOWER_PREFIX):]))
     if name == "auto":
-        return TowerEmbedder(TRAINED_TOWER_DIR) if (TRAINED_TOWER_DIR / "config.json").is_file() else StemEmbedder()
+        trained = (TRAINED_DEFAULT_DIR / "vision" / "model.safetensors").is_file()
+        return TowerEmbedder(TRAINED_DEFAULT_DIR) if trained else StemEmbedder()
     raise GeoChatError(f"unknown image embedder {name!r}: use 'auto', 'stem' or 'tower:DIR'")
 
 
@@ -168,7 +180,7 @@ def annotation_captions(root: Path) -> dict[Path, dict[str, Any]]:
                 raise GeoChatError(f"{ann}:{n}: not JSON ({exc})") from exc
             if isinstance(row, dict) and "image" in row:
                 captions = row.get("captions") or ([row["caption"]] if row.get("caption") else [])
-                out[(ann.parent / row["image"]).resolve()] = {"captions": [str(c) for c in captions],
+                out[_abs(ann.parent / row["image"])] = {"captions": [str(c) for c in captions],
                                                                "label": row.get("label")}
     return out
 
@@ -215,10 +227,10 @@ def _read_item(path: Path, digest: str, annotations: dict[Path, dict[str, Any]],
 
     loaded = load_image(path, max_size=max_size)
     info = loaded.info
-    ann = annotations.get(path.resolve(), {})
+    ann = annotations.get(_abs(path), {})
     captions = sidecar_captions(path) or ann.get("captions", [])
     meta = {
-        "path": str(path.resolve()),
+        "path": str(_abs(path)),
         "content_hash": digest,
         "width": info.width,
         "height": info.height,
@@ -233,7 +245,12 @@ def _read_item(path: Path, digest: str, annotations: dict[Path, dict[str, Any]],
 
 
 def _record_id(path: Path) -> str:
-    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()
+    return hashlib.sha1(str(_abs(path)).encode()).hexdigest()
+
+
+def _abs(path: Path) -> Path:
+    """Absolute and normalised, but a symlinked image keeps its own path (its archive is where it is linked)."""
+    return Path(os.path.normpath(path.absolute()))
 
 
 def _digest(path: Path) -> str:
@@ -265,7 +282,7 @@ def index_images(
     images = store.writable_collection(IMAGES, embedder.name, embedder.dim)
     captions = store.writable_collection(CAPTIONS, text_embedder.name, text_embedder.dim)
     got = images.get(include=["metadatas"])
-    stored = {rid: m for rid, m in zip(got["ids"], got["metadatas"] or []) if m}
+    stored = {rid: m for rid, m in zip(got["ids"], got["metadatas"], strict=True) if m}
     prefix = str(root) + "/"
     current = {_record_id(p) for p in paths}
     gone = [rid for rid, m in stored.items() if str(m.get("path", "")).startswith(prefix) and rid not in current]
@@ -316,7 +333,7 @@ def _add(batch: list[_Item], images: Any, captions: Any, embedder: ImageEmbedder
         flat = [c for it in with_caps for c in it.captions]
         emb = text_embedder.embed_texts(flat)
         bounds = np.cumsum([0] + [len(it.captions) for it in with_caps])
-        means = _unit(np.stack([emb[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])]))
+        means = _unit(np.stack([emb[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]))
         captions.add(ids=[it.rid for it in with_caps], embeddings=means.tolist(),
                      metadatas=[{"path": it.metadata["path"]} for it in with_caps],
                      documents=[it.metadata["captions"] for it in with_caps])

@@ -92,7 +92,7 @@ class Retriever:
         passages = [
             Passage(id="S0", source=str(meta.get("source", "")), heading=str(meta.get("heading", "")),
                     text=doc or "", score=round(1.0 - float(dist), 4))
-            for doc, meta, dist in zip(res["documents"][0], res["metadatas"][0], res["distances"][0])
+            for doc, meta, dist in zip(res["documents"][0], res["metadatas"][0], res["distances"][0], strict=True)
         ]
         return label_passages(passages)
 
@@ -127,11 +127,13 @@ class Retriever:
         res = col.query(query_embeddings=[vector.tolist()], n_results=min(k or self.k, n),
                         include=["metadatas", "distances"])
         ids = res["ids"][0]
-        # Caption hits point at their image's record, which holds the full metadata.
-        records = self._images.get(ids=ids, include=["metadatas"]) if col is not self._images else None
-        by_id = dict(zip(records["ids"], records["metadatas"])) if records is not None else {}
+        by_id: dict[str, Any] = {}
+        if col is not self._images and self._images is not None:
+            # Caption hits point at their image's record, which holds the full metadata.
+            records = self._images.get(ids=ids, include=["metadatas"])
+            by_id = dict(zip(records["ids"], records["metadatas"], strict=True))
         hits = []
-        for rid, meta, dist in zip(ids, res["metadatas"][0], res["distances"][0]):
+        for rid, meta, dist in zip(ids, res["metadatas"][0], res["distances"][0], strict=True):
             meta = by_id.get(rid, meta) or {}
             hits.append(ImageHit(path=str(meta.get("path", "")), score=round(1.0 - float(dist), 4),
                                  metadata=public_image_metadata(meta)))
@@ -160,19 +162,27 @@ def open_retriever(store: IndexStore, k: int = DEFAULT_K) -> Retriever:
 def ensure_retriever(
     location: StoreLocation, docs_root: Path | None = BUNDLED_KNOWLEDGE, k: int = DEFAULT_K, progress: bool = True
 ) -> tuple[Retriever | None, IndexReport | None]:
-    """A retriever over `location`, first indexing `docs_root` there when it holds no docs collection.
+    """A retriever over `location`, indexing `docs_root` there first where that is needed.
 
-    Returns (None, None) when there is neither an index nor a docs directory to build one from; a
-    broken index raises `CorruptIndexError` (never silently rebuilt: it may hold an image archive).
+    Needed: the store holds no docs collection yet (first use), or its docs collection mirrors
+    `docs_root` and a file there was added, changed or removed since (checked by content hash; an
+    index of some other directory is left alone). Returns (None, None) when there is neither an
+    index nor a docs directory; a broken index raises `CorruptIndexError` (never silently rebuilt:
+    it may hold an image archive). The report is None when nothing was indexed.
     """
-    from geochat.retrieval.docs import index_docs
+    from geochat.retrieval.docs import docs_root_of, index_docs, plan_docs
 
-    if not IndexStore.exists(location) and (docs_root is None or not docs_root.is_dir()):
+    has_docs_dir = docs_root is not None and docs_root.is_dir()
+    if not IndexStore.exists(location) and not has_docs_dir:
         return None, None
     store = IndexStore.open(location, create=True)
     retriever = Retriever(store, k=k)
-    report = None
-    if retriever._docs is None and docs_root is not None and docs_root.is_dir():
-        report = index_docs(store, docs_root, embedder=retriever.text_embedder, progress=progress)
-        del retriever.__dict__["_docs"]  # re-read the now finished collection
+    if not has_docs_dir or docs_root is None:
+        return retriever, None
+    col = retriever._docs
+    root = docs_root.resolve()
+    if col is not None and (docs_root_of(col) != str(root) or plan_docs(col, root).up_to_date):
+        return retriever, None
+    report = index_docs(store, root, embedder=retriever.text_embedder, progress=progress)
+    del retriever.__dict__["_docs"]  # re-read the now finished collection
     return retriever, report

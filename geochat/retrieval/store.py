@@ -115,6 +115,7 @@ class IndexStore:
         """Open the store; `create` makes a new local store where none is. Raises `CorruptIndexError`."""
         settings = chromadb.Settings(anonymized_telemetry=False)
         if location.path is None:
+            assert location.host is not None and location.port is not None  # StoreLocation guarantees it
             try:
                 client = chromadb.HttpClient(host=location.host, port=location.port, settings=settings)
                 client.heartbeat()
@@ -182,14 +183,14 @@ class IndexStore:
             raise CorruptIndexError(
                 f"collection {name} in {self.location} was half-written (an indexing run did not finish); {REBUILD_HINT}"
             )
-        col.modify(metadata=_meta(embedder, dim, complete=False, count=meta.get("geochat_count", 0)))
+        col.modify(metadata={**meta, "geochat_complete": False})
         return col
 
-    def finish(self, col: Any) -> int:
-        """Mark a collection finished and record its size; returns the number of records."""
+    def finish(self, col: Any, **extra: str) -> int:
+        """Mark a collection finished and record its size (and `extra` metadata); returns the size."""
         meta = dict(col.metadata or {})
         count = col.count()
-        col.modify(metadata={**meta, "geochat_complete": True, "geochat_count": count})
+        col.modify(metadata={**meta, **extra, "geochat_complete": True, "geochat_count": count})
         return count
 
     def drop(self, name: str) -> None:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
-
-from geochat.engine import GeoChat
 from geochat.serving.limits import ServingSettings
+
+if TYPE_CHECKING:  # the heavy imports wait until an app is made
+    from fastapi import FastAPI
+
+    from geochat.engine import GeoChat
 
 __all__ = ["ServingSettings", "create_app"]
 
@@ -24,6 +27,7 @@ __all__ = ["ServingSettings", "create_app"]
 def create_app(gc: GeoChat, settings: ServingSettings, download_dir: Path | None = None) -> FastAPI:
     """The API routes plus the Gradio UI at `/`, sharing one engine."""
     import gradio as gr
+    from fastapi import FastAPI
 
     from geochat.serving.api import install_api
     from geochat.serving.session import SessionLogic

@@ -33,7 +33,13 @@ from geochat.engine import GeoChat
 from geochat.errors import GeoChatError, ImageryError
 from geochat.imagery import LoadedImage
 from geochat.prompting import Task, build_user_message
-from geochat.serving.images import BadImageReferenceError, ImageAccessError, ImageTooLargeError, image_source, open_image
+from geochat.serving.images import (
+    BadImageReferenceError,
+    ImageAccessError,
+    ImageTooLargeError,
+    image_source,
+    open_image,
+)
 from geochat.serving.limits import QueueFullError, RequestQueue, ServingSettings
 from geochat.serving.render import AppendOnly, feature_collection, live_split
 from geochat.serving.session import NEEDS_IMAGE
@@ -246,39 +252,38 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
     @protected.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         req: ChatRequest = parse(ChatRequest, await read_json(request))
-        prepared = await run_in_threadpool(prepare, req)
-        ticket = await queue.acquire()
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": gc.model_info.name}
-        if not req.stream:
-            try:
+        ticket = await queue.acquire()  # decoding the image counts as work too
+        handed_to_stream = False
+        try:
+            prepared = await run_in_threadpool(prepare, req)
+            if not req.stream:
                 answer = await run_in_threadpool(
                     gc.chat, prepared.loaded, prepared.question, history=prepared.turns, **prepared.kwargs)
-            finally:
-                ticket.release()
-            return JSONResponse(_completion(meta, answer))
-        try:
+                return JSONResponse(_completion(meta, answer))
             stream = gc.stream(prepared.loaded, prepared.question, history=prepared.turns, **prepared.kwargs)
             pieces = iter(stream)
             # The first piece is awaited here so that early failures (a bad task argument) get a real
             # 4xx status instead of an error event inside a 200 stream.
             first = await run_in_threadpool(next, pieces, None)
-        except BaseException:
-            ticket.release()
-            raise
-        return StreamingResponse(
-            _sse(meta, stream, pieces, first, prepared.kwargs["cot"], ticket.release),
-            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            background=BackgroundTask(ticket.release),  # in case the body is never iterated
-        )
+            handed_to_stream = True
+            return StreamingResponse(
+                _sse(meta, stream, pieces, first, prepared.kwargs["cot"], ticket.release),
+                media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(ticket.release),  # in case the body is never iterated
+            )
+        finally:
+            if not handed_to_stream:
+                ticket.release()
 
     @protected.post("/v1/ground")
     async def ground(request: Request) -> JSONResponse:
         req: GroundRequest = parse(GroundRequest, await read_json(request))
         if len(req.phrase) > settings.max_prompt_chars:
             raise ApiError(413, f"phrase is longer than max_prompt_chars={settings.max_prompt_chars:,}")
-        loaded = await run_in_threadpool(load, req.image, req.bands, req.sensor)
         ticket = await queue.acquire()
         try:
+            loaded = await run_in_threadpool(load, req.image, req.bands, req.sensor)
             answer = await run_in_threadpool(gc.chat, loaded, req.phrase, task=Task.REFER)
         finally:
             ticket.release()

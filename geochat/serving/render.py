@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from geochat.answer import Answer, BoxResult
@@ -27,6 +28,7 @@ from geochat.prompting import split_reasoning
 EMPTY_COLLECTION: dict[str, Any] = {"type": "FeatureCollection", "features": []}
 REGION_LABEL = "selected region"
 SOURCE_TEXT_CHARS = 600  # how much of a passage the UI quotes
+DISPLAY_MIN_PX = 480     # previews with a shorter long side are enlarged by a whole factor
 
 
 # -- image ----------------------------------------------------------------------------------------
@@ -37,10 +39,16 @@ def box_polygon(box: BoxResult, width: int, height: int) -> list[tuple[float, fl
     return box_to_pixel_polygon(pixel_box_to_grid(x1, y1, x2, y2, width, height, theta), width, height)
 
 
+def display_zoom(loaded: LoadedImage) -> int:
+    """How many screen pixels a preview pixel gets: small rasters (a 64 px chip) are enlarged."""
+    return max(1, DISPLAY_MIN_PX // max(loaded.rgb.shape[:2]))
+
+
 def annotate(
-    loaded: LoadedImage, boxes: Sequence[BoxResult] = (), region: Sequence[float] | None = None
+    loaded: LoadedImage, boxes: Sequence[BoxResult] = (), region: Sequence[float] | None = None, zoom: int = 1
 ) -> Image.Image:
-    """The preview with the answer's boxes (labelled with their phrases) and the selected region."""
+    """The preview (enlarged `zoom` times, nearest neighbour) with the answer's boxes, labelled with
+    their phrases, and the selected region."""
     w, h = loaded.info.width, loaded.info.height
     polygons = [box_polygon(b, w, h) for b in boxes]
     labels: list[str | None] = [b.phrase for b in boxes]
@@ -48,7 +56,8 @@ def annotate(
         x1, y1, x2, y2 = region[:4]
         polygons.append([(x1, y1), (x2, y1), (x2, y2), (x1, y2)])
         labels.append(REGION_LABEL)
-    return draw_boxes(loaded.rgb, polygons, labels, scale=loaded.scale)
+    rgb = loaded.rgb if zoom == 1 else np.repeat(np.repeat(loaded.rgb, zoom, axis=0), zoom, axis=1)
+    return draw_boxes(rgb, polygons, labels, scale=loaded.scale / zoom)
 
 
 def feature_collection(answer: Answer) -> dict[str, Any]:

@@ -12,28 +12,31 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 
 from geochat.answer import Answer, BoxResult
 from geochat.engine import GeoChat
 from geochat.errors import GeoChatError
-from geochat.imagery import LoadedImage
+from geochat.imagery import LoadedImage, load_image
 from geochat.prompting import Task
 from geochat.serving.images import open_image, parse_bands
 from geochat.serving.limits import ServingSettings
-from geochat.serving.render import annotate, live_split, safe_stem
+from geochat.serving.render import annotate, display_zoom, live_split, safe_stem
 
 logger = logging.getLogger(__name__)
 
 SIMILAR_IMAGES_K = 4
+THUMBNAIL_PX = 256
 NEEDS_IMAGE = (Task.CAPTION, Task.CLASSIFY, Task.REFER, Task.GROUNDING, Task.IDENTIFY)
-CORNER_MARK_PX = 4  # half-size, in preview pixels, of the mark left by the first click of a region
+CORNER_MARK_PX = 4  # half-size, in shown pixels, of the mark left by the first click of a region
 
 Message = dict[str, Any]  # a Chatbot message: {"role", "content"[, "metadata"]}
 
@@ -62,7 +65,7 @@ class ChatSession:
     transcript: list[Message] = field(default_factory=list)
     boxes: list[BoxResult] = field(default_factory=list)    # of the last answer
     sources: list[dict[str, Any]] = field(default_factory=list)
-    similar: list[tuple[Any, str | None]] = field(default_factory=list)  # (image or path, caption)
+    similar: list[tuple[np.ndarray, str]] = field(default_factory=list)  # (thumbnail RGB, caption)
     corner: tuple[float, float] | None = None               # first click of a region, original pixels
     region: tuple[float, float, float, float] | None = None
     geojson_path: str | None = None
@@ -90,39 +93,39 @@ class SessionLogic:
         session.similar = self._similar(loaded)
         return session
 
-    def _similar(self, loaded: LoadedImage) -> list[tuple[Any, str | None]]:
-        """Archive images like this one, when the retriever offers `similar_images(rgb, k)`.
+    def _similar(self, loaded: LoadedImage) -> list[tuple[np.ndarray, str]]:
+        """Thumbnails of archive images like this one, when the retriever has an image archive.
 
-        The retriever is optional and built elsewhere: items may be a path, a (path, caption) pair or
-        a dict with "path"/"image" and "caption". A failure here must not break the chat.
+        `Retriever.similar_images(rgb, k)` gives hits with `.path`, `.score` and `.metadata`; each is
+        read again as a small RGB view (archive files may be GeoTIFFs, which browsers cannot show).
+        The panel is optional: a failure is logged and the panel stays empty.
         """
-        finder = getattr(self.gc.retriever, "similar_images", None) if self.gc.retriever is not None else None
-        if finder is None:
+        if self.gc.retriever is None:
             return []
         try:
-            items = finder(loaded.rgb, k=SIMILAR_IMAGES_K)
-        except Exception:  # an optional panel: log it, show nothing
+            hits = self.gc.retriever.similar_images(loaded.rgb, k=SIMILAR_IMAGES_K)
+        except Exception:  # an optional panel must not break opening the image
             logger.exception("similar_images failed")
             return []
-        out: list[tuple[Any, str | None]] = []
-        for item in items or ():
-            if isinstance(item, dict):
-                out.append((item.get("path") or item.get("image"), item.get("caption")))
-            elif isinstance(item, tuple | list):
-                out.append((item[0], str(item[1]) if len(item) > 1 and item[1] is not None else None))
-            else:
-                out.append((item, None))
-        return [(img, cap) for img, cap in out if img is not None]
+        out: list[tuple[np.ndarray, str]] = []
+        for hit in hits or ():
+            try:
+                thumb = load_image(hit.path, max_size=THUMBNAIL_PX).rgb
+            except GeoChatError as exc:
+                logger.warning("similar image %s unreadable: %s", hit.path, exc)
+                continue
+            caption = (hit.metadata or {}).get("caption") or Path(hit.path).name
+            out.append((thumb, f"{caption} ({hit.score:.2f})"))
+        return out
 
     def view(self, session: ChatSession) -> Image.Image | None:
         """The preview with the last answer's boxes, the selected region and a pending corner."""
         if session.loaded is None:
             return None
-        image = annotate(session.loaded, session.boxes, session.region)
+        zoom = display_zoom(session.loaded)
+        image = annotate(session.loaded, session.boxes, session.region, zoom=zoom)
         if session.corner is not None:
-            from PIL import ImageDraw
-
-            s, r = session.loaded.scale, CORNER_MARK_PX
+            s, r = session.loaded.scale / zoom, CORNER_MARK_PX
             x, y = session.corner[0] / s, session.corner[1] / s
             ImageDraw.Draw(image).ellipse([x - r, y - r, x + r, y + r], outline=(255, 255, 255), width=2)
         return image
@@ -130,16 +133,19 @@ class SessionLogic:
     # -- region -------------------------------------------------------------------------------
 
     def pick(self, session: ChatSession, x: float, y: float) -> ChatSession:
-        """A click on the preview at (x, y): the first click sets a corner, the second the region."""
+        """A click on the shown image at (x, y): the first click sets a corner, the second the region."""
         if session.loaded is None:
             raise GeoChatError("upload an image before choosing a region")
-        w, h, s = session.loaded.info.width, session.loaded.info.height, session.loaded.scale
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise GeoChatError("click inside the image (wait until it has loaded) to choose a corner")
+        w, h = session.loaded.info.width, session.loaded.info.height
+        s = session.loaded.scale / display_zoom(session.loaded)  # original pixels per shown pixel
         point = (min(max(x * s, 0.0), float(w)), min(max(y * s, 0.0), float(h)))
         if session.corner is None:
             session.corner, session.region = point, None
             return session
         (x1, y1), (x2, y2) = session.corner, point
-        if abs(x2 - x1) < s or abs(y2 - y1) < s:  # a double click, not a box
+        if abs(x2 - x1) < max(s, 1.0) or abs(y2 - y1) < max(s, 1.0):  # a double click, not a box
             session.corner = point
             return session
         session.corner = None

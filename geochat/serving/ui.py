@@ -49,12 +49,12 @@ HEADER = """# GeoChat
 Chat about satellite and aerial images. **1.** Upload a PNG, JPEG or GeoTIFF (or pick an example).
 **2.** Choose a task. **3.** Ask. Boxes are drawn on the image and can be downloaded as GeoJSON."""
 CSS = "#image-info { font-size: 0.9em } #status { font-size: 0.85em; opacity: 0.8 }"
-THEME_FONTS = {"font": ["ui-sans-serif", "system-ui", "sans-serif"], "font_mono": ["ui-monospace", "monospace"]}
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 
 
 def theme() -> gr.themes.Base:
     """Gradio's Soft theme with system fonts (the default would fetch Google Fonts)."""
-    return gr.themes.Soft(**THEME_FONTS)
+    return gr.themes.Soft(font=SYSTEM_FONTS, font_mono=["ui-monospace", "monospace"])
 
 
 def build_ui(logic: SessionLogic) -> gr.Blocks:
@@ -142,7 +142,7 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
                 gr.Warning(str(exc))
             return shown(session)
 
-        image.select(on_pick, [state], common)
+        image.select(on_pick, [state], common, trigger_mode="always_last")  # a fast second click queues
 
         def on_region_typed(session: ChatSession, *values: float | None) -> list[Any]:
             return shown(logic.set_region(session, values))
@@ -161,8 +161,8 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
             session = logic.set_region(session, region) if task_name == "identify" else session
             options = AskOptions(task=task_name, cot=with_cot, labels=label_text or "", region=session.region)
             try:
-                for session in logic.ask(session, text or "", options):
-                    yield [*shown(session), ""]
+                for update in logic.ask(session, text or "", options):  # updates `session` in place
+                    yield [*shown(update), ""]
             except GeoChatError as exc:
                 gr.Warning(str(exc))
                 yield [*shown(session), gr.Textbox()]

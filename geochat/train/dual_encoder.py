@@ -47,7 +47,10 @@ class TextEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.get_embedding_dimension())
+        dim = self.model.get_embedding_dimension()
+        if dim is None:
+            raise ModelLoadError(f"{self.directory} does not declare its embedding size")
+        return int(dim)
 
     def encode(self, texts: Sequence[str], batch_size: int = 128, progress: bool = False) -> np.ndarray:
         emb = self.model.encode(

@@ -1,0 +1,151 @@
+"""Align stage: the hybrid tower's pooled head learns MiniLM's caption space (CLIP loss).
+
+    cached stem features (B, N, C) ─► tower blocks + head ─► normalise ─► image z (B, D)
+    cached MiniLM caption embeddings, one random caption per image ─► text t (B, D)
+    logits = exp(s) · z tᵀ ;  loss = (CE(logits, diag) + CE(logitsᵀ, diag)) / 2
+
+The text side is frozen (it is what retrieval and documentation use), so only the image side moves
+into its space; `s` is CLIP's learnable log inverse temperature (clamped at log 100). Both frozen
+encoders' outputs are cached on disk (`geochat.train.features`), so an epoch runs only the
+tower's blocks and head: seconds per thousand images on a CPU.
+
+Validation (periodic eval) on a subset of `val_split`: zero-shot accuracy against label prompts and
+text→image Recall@1/@10, the numbers the evaluation CLI reports on test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from geochat.eval.metrics import retrieval_recalls
+from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+from geochat.paths import cache_root
+from geochat.train.dual_encoder import LABEL_PROMPTS, TextEncoder, label_text, save_tower
+from geochat.train.features import cache_stem_features, cache_text_embeddings
+from geochat.train.loop import Trainer
+from geochat.train.recipe import AlignConfig, Recipe
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class AlignModel(nn.Module):
+    """The trainable side: tower (stem frozen) + CLIP's learnable temperature."""
+
+    def __init__(self, tower: GeoHybridVisionModel, temperature: float) -> None:
+        super().__init__()
+        self.tower = tower
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+
+    def embed(self, stem_features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.tower(stem_features=stem_features).pooler_output, dim=-1)  # (B, D)
+
+    def forward(self, stem_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The CLIP loss of a batch (a forward, so that data-parallel wrappers see the call)."""
+        z = self.embed(stem_features)
+        logits = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * z @ text.T  # (B, B)
+        target = torch.arange(len(z))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def _rows(path: Path, split: str | None) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if r.get("captions") and (split is None or r.get("split") == split)]
+
+
+def subset(n: int, k: int | None, seed: int) -> list[int]:
+    """A seeded random subset of range(n), in order (the same rule everywhere caches are shared)."""
+    return list(range(n)) if k is None or k >= n else sorted(random.Random(seed).sample(range(n), k))
+
+
+def build_tower(recipe: Recipe) -> GeoHybridVisionModel:
+    kwargs = {k: v for k, v in recipe.model.vision.items() if k != "model_type"}
+    torch.manual_seed(recipe.run.seed)
+    tower = GeoHybridVisionModel(GeoHybridVisionConfig(**kwargs))
+    tower.load_stem_weights()
+    return tower
+
+
+def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: object | None = None,
+              resume: bool = False, progress: bool = True, stop_after: int | None = None) -> GeoHybridVisionModel:
+    ann = recipe.path(cfg.annotations)
+    seed = recipe.run.seed
+    cache_dir = recipe.path(recipe.run.cache_dir) if recipe.run.cache_dir else cache_root() / "align"
+    mean, std = recipe.assistant_config("align").image_mean, recipe.assistant_config("align").image_std
+    tower = build_tower(recipe)
+    text_encoder = TextEncoder()
+    if tower.config.projection_dim != text_encoder.dim:
+        raise ValueError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")
+
+    train_rows = _rows(ann, cfg.split)
+    if len(train_rows) < 2:
+        raise ValueError(f"{ann}: fewer than 2 captioned rows in split {cfg.split!r}")
+    all_captions = [c for r in train_rows for c in r["captions"]]
+    starts = np.cumsum([0] + [len(r["captions"]) for r in train_rows])
+    text_all = cache_text_embeddings(all_captions, cache_dir, text_encoder.directory, progress)  # (captions, D)
+    picked = subset(len(train_rows), cfg.max_images, seed)
+    images = [(ann.parent / train_rows[i]["image"]).resolve() for i in picked]
+    stem = cache_stem_features(tower, images, cache_dir, mean, std, progress)  # (n, N, C) float16
+    spans = [(int(starts[i]), int(starts[i + 1])) for i in picked]
+
+    model = AlignModel(tower, cfg.temperature)
+    trainer = Trainer("align", model, cfg.optim, recipe.run, directory, accelerator)
+    if resume:
+        trainer.load_checkpoint()
+    bs = cfg.optim.batch_size
+
+    def loss_fn(micro_step: int) -> torch.Tensor:
+        from geochat.train.loop import batch_indices
+
+        rng = np.random.RandomState(seed + micro_step)
+        idx = batch_indices(len(images), bs, micro_step, seed)
+        cap = [rng.randint(*spans[i]) for i in idx]
+        keep = trainer.shard(list(range(len(idx))))
+        idx, cap = [idx[k] for k in keep], [cap[k] for k in keep]
+        feats = torch.from_numpy(np.asarray(stem[idx], dtype=np.float32))
+        return trainer.module(feats, torch.from_numpy(text_all[cap]))
+
+    eval_fn = None
+    if cfg.val_split:
+        eval_fn = _val_fn(model, ann, cfg, tower, text_encoder, cache_dir, mean, std, seed, progress)
+    trainer.fit(loss_fn, eval_fn, progress, stop_after)
+    if trainer.is_main:
+        save_tower(tower, directory)
+        trainer.plot()
+    return tower
+
+
+def _val_fn(model: AlignModel, ann: Path, cfg: AlignConfig, tower: GeoHybridVisionModel, text: TextEncoder,
+            cache_dir: Path, mean: tuple, std: tuple, seed: int, progress: bool):  # type: ignore[no-untyped-def]
+    rows = _rows(ann, cfg.val_split)
+    if not rows:
+        return None
+    rows = [rows[i] for i in subset(len(rows), cfg.val_max, seed)]
+    stem = torch.from_numpy(np.asarray(cache_stem_features(
+        tower, [(ann.parent / r["image"]).resolve() for r in rows], cache_dir, mean, std, progress), dtype=np.float32))
+    captions = [c for r in rows for c in r["captions"]]
+    caption_image = [i for i, r in enumerate(rows) for _ in r["captions"]]
+    caption_emb = text.encode(captions)
+    labels = sorted({r["label"] for r in rows if r.get("label")})
+    label_emb = None
+    if len(labels) > 1:
+        prompts = [p.format(label_text(x)) for x in labels for p in LABEL_PROMPTS]
+        e = text.encode(prompts).reshape(len(labels), len(LABEL_PROMPTS), -1).mean(1)
+        label_emb = e / np.linalg.norm(e, axis=1, keepdims=True)
+
+    def eval_fn() -> dict[str, float]:
+        z = model.embed(stem).numpy()
+        out = {k: v for k, v in retrieval_recalls(z, caption_emb, caption_image).items() if k in ("t2i_R@1", "t2i_R@10")}
+        if label_emb is not None:
+            pred = (z @ label_emb.T).argmax(1)
+            out["zero_shot_acc"] = float(np.mean([labels[p] == r.get("label") for p, r in zip(pred, rows, strict=False)]))
+        return out
+
+    return eval_fn

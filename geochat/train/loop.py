@@ -1,0 +1,215 @@
+"""The training loop every stage shares: steps, schedule, checkpoints that resume, logs, loss plot.
+
+Determinism is what makes resuming exact: the batch of step `s` is a pure function of (seed, s) (a
+seeded permutation per epoch), and the torch RNG is re-seeded from (seed, s) before each step, so a
+run killed after step k and resumed from its checkpoint computes the same steps k+1.. as an
+uninterrupted run, and ends with the same weights.
+
+A checkpoint (`checkpoint/` in the stage directory) holds the trainable tensors (safetensors), the
+optimizer state, the step and the loss history; it is written to a temporary directory and renamed,
+so a kill during a save leaves the previous checkpoint intact. Distributed runs go through
+`accelerate` (one CPU process is the degenerate case); only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from geochat.train.recipe import OptimConfig, RunConfig
+
+CHECKPOINT = "checkpoint"
+DONE = "done.json"
+
+
+class TrainingInterrupted(Exception):
+    """Raised by `stop_after` (tests simulate a kill with it); the checkpoint of that step exists."""
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The examples of step `step` (0-based): consecutive slices of a per-epoch seeded permutation."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.RandomState((seed * 1_000_003 + epoch) % 2**32).permutation(n)
+    return perm[i * batch_size : (i + 1) * batch_size].tolist() if n >= batch_size else perm.tolist()
+
+
+def lr_at(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone().contiguous() for k, p in module.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class History:
+    train: list[tuple[int, float]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs `loss_fn(step) -> loss` for `optim.max_steps` steps over `module`'s trainable parameters."""
+
+    def __init__(self, name: str, module: nn.Module, optim: OptimConfig, run: RunConfig, directory: Path,
+                 accelerator: Any | None = None) -> None:
+        self.name, self.module, self.optim_cfg, self.run_cfg, self.directory = name, module, optim, run, directory
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"stage {name}: nothing to train (no parameter requires grad)")
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.accelerator = accelerator
+        if accelerator is not None:
+            self.module, self.optimizer = accelerator.prepare(self.module, self.optimizer)
+        self.history = History()
+        self.step = 0
+        directory.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def shard(self, indices: list[int]) -> list[int]:
+        """This process's share of a global batch (data parallel: every process a different slice)."""
+        if self.accelerator is None or self.accelerator.num_processes == 1:
+            return indices
+        return indices[self.accelerator.process_index :: self.accelerator.num_processes]
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        final = self.directory / CHECKPOINT
+        tmp = self.directory / f".{CHECKPOINT}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(trainable_state(_unwrap(self.module)), str(tmp / "trainable.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": self.step, "train": self.history.train,
+                                                    "evals": self.history.evals}))
+        old = self.directory / f".{CHECKPOINT}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self) -> bool:
+        ckpt = self.directory / CHECKPOINT
+        if not (ckpt / "state.json").is_file():
+            return False
+        module = _unwrap(self.module)
+        result = module.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"checkpoint {ckpt} does not fit this model: {result.unexpected_keys[:5]}")
+        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        state = json.loads((ckpt / "state.json").read_text())
+        self.step = int(state["step"])
+        self.history = History([tuple(x) for x in state["train"]], state["evals"])  # type: ignore[misc]
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def fit(self, loss_fn: Callable[[int], torch.Tensor], eval_fn: Callable[[], dict[str, float]] | None = None,
+            progress: bool = True, stop_after: int | None = None) -> History:
+        cfg, run = self.optim_cfg, self.run_cfg
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.name, disable=not (progress and self.is_main))
+        window: list[float] = []
+        start = time.perf_counter()
+        while self.step < cfg.max_steps:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, cfg)
+            self.module.train()
+            total = 0.0
+            for micro in range(cfg.grad_accum):
+                torch.manual_seed(run.seed * 1_000_003 + self.step * 97 + micro)
+                loss = loss_fn(self.step * cfg.grad_accum + micro) / cfg.grad_accum
+                if self.accelerator is not None:
+                    self.accelerator.backward(loss)
+                else:
+                    loss.backward()
+                total += float(loss.detach())
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.history.train.append((self.step, total))
+            window.append(total)
+            bar.update(1)
+            if self.step % run.log_every == 0 or self.step == cfg.max_steps:
+                bar.set_postfix(loss=f"{np.mean(window):.4f}", lr=f"{lr_at(self.step - 1, cfg):.2e}")
+                self._log({"step": self.step, "loss": float(np.mean(window)), "s": round(time.perf_counter() - start, 1)})
+                window = []
+            if eval_fn is not None and (self.step % run.eval_every == 0 or self.step == cfg.max_steps):
+                self.module.eval()
+                with torch.no_grad():
+                    metrics = {"step": self.step, **eval_fn()}
+                self.history.evals.append(metrics)
+                self._log({"eval": metrics})
+            if self.step % run.save_every == 0 or self.step == cfg.max_steps:
+                self.save_checkpoint()
+                self.plot()
+            if stop_after is not None and self.step >= stop_after and self.step < cfg.max_steps:
+                bar.close()
+                raise TrainingInterrupted(f"stopped after step {self.step}")
+        bar.close()
+        return self.history
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.directory / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def plot(self) -> Path | None:
+        """`loss.png`: training loss per step (and a moving average), eval metrics on a second axis."""
+        if not self.is_main or not self.history.train:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps, losses = zip(*self.history.train, strict=False)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="train loss")
+        k = max(1, len(losses) // 20)
+        if k > 1:
+            smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(self.name)
+        evals = [e for e in self.history.evals if len(e) > 1]
+        if evals:
+            ax2 = ax.twinx()
+            for key in [k for k in evals[-1] if k != "step"]:
+                ax2.plot([e["step"] for e in evals], [e.get(key, np.nan) for e in evals], "o--", ms=3, label=f"val {key}")
+            ax2.legend(loc="upper right", fontsize=7)
+        ax.legend(loc="upper left", fontsize=7)
+        fig.tight_layout()
+        path = self.directory / "loss.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)  # DDP / accelerate wrappers keep the model in .module

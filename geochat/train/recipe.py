@@ -1,0 +1,210 @@
+"""Training recipes: YAML → typed, validated dataclasses (one per concern), unknown keys rejected.
+
+A recipe names the assistant to build (`model`, an `AssistantConfig` without its name) and up to
+three stages, run in this order, each starting from the weights the previous one produced:
+
+    align     contrastive dual encoder: tower's pooled head ↔ frozen MiniLM caption embeddings
+    pretrain  image → caption with the LLM frozen: the projector (and optionally the tower) learn
+    instruct  LoRA / QLoRA / MoE-LoRA on the LLM (+ the projector) over LLaVA-format conversations
+
+Relative paths in a recipe are relative to the recipe file, so a recipe under `adapters/` can
+point at `../../shared/data` and still run from any working directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from geochat.errors import GeoChatError
+from geochat.model.config import AssistantConfig, LoraSettings
+from geochat.model.moe_lora import MoELoraSettings
+
+STAGES = ("align", "pretrain", "instruct")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 100
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("optim.lr must be > 0")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_steps < 1:
+            raise ValueError("optim.batch_size, grad_accum and max_steps must be >= 1")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError("optim.warmup_steps must be in [0, max_steps]")
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Contrastive stage over an annotations JSONL with captions (RSICD's format)."""
+
+    annotations: str
+    split: str = "train"
+    max_images: int | None = None    # seeded random subset of the split
+    val_split: str | None = "val"
+    val_max: int = 200
+    temperature: float = 0.07         # initial; learnable (CLIP)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_images is not None and self.max_images < 2:
+            raise ValueError("align.max_images must be >= 2")
+        if not 0 < self.temperature < 1:
+            raise ValueError("align.temperature must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ChatStageConfig:
+    """Pretrain or instruct: next-token loss on the answers of LLaVA-format conversations."""
+
+    conversations: str
+    max_samples: int | None = None    # seeded random subset
+    val_samples: int = 16             # held out from the file for periodic eval
+    max_length: int = 512             # tokens; longer samples are skipped (never cut mid-answer)
+    train_tower: bool = False         # also train the tower's blocks and head (never the frozen stem)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ValueError("max_samples must be >= 1")
+        if self.val_samples < 0 or self.max_length < 16:
+            raise ValueError("val_samples must be >= 0 and max_length >= 16")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    save_every: int = 50
+    cache_dir: str | None = None      # feature caches (default: <cache root>/align)
+
+    def __post_init__(self) -> None:
+        if min(self.log_every, self.eval_every, self.save_every) < 1:
+            raise ValueError("run.log_every, eval_every and save_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """The `AssistantConfig` fields a recipe may set (the name comes from the recipe)."""
+
+    llm: str = "smollm2"
+    vision: dict[str, Any] = field(default_factory=lambda: {"model_type": "geochat_hybrid_vision"})
+    lora: LoraSettings | None = None
+    moe: MoELoraSettings | None = None
+    quantization: Literal["4bit", "8bit"] | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.vision.get("model_type") != "geochat_hybrid_vision":
+            raise ValueError("recipes train the hybrid tower (vision.model_type: geochat_hybrid_vision)")
+        if self.quantization not in (None, "4bit", "8bit"):
+            raise ValueError("quantization must be 4bit, 8bit or null")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    output: str
+    model: ModelSection = field(default_factory=ModelSection)
+    align: AlignConfig | None = None
+    pretrain: ChatStageConfig | None = None
+    instruct: ChatStageConfig | None = None
+    run: RunConfig = field(default_factory=RunConfig)
+    init: str | None = None           # start from this assistant (or align) directory's tower and projector
+    base_dir: str = "."               # the recipe file's directory (set by `load_recipe`)
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.output:
+            raise ValueError("a recipe needs a name and an output directory")
+        if not self.stages:
+            raise ValueError("a recipe needs at least one stage: align, pretrain or instruct")
+        if (self.model.quantization or self.model.moe) and self.instruct is None:
+            raise ValueError("quantization and moe apply to the instruct stage; add one")
+        if self.instruct is not None and self.model.lora is None and self.model.moe is None:
+            raise ValueError("the instruct stage needs model.lora or model.moe (the base LLM stays frozen)")
+
+    @property
+    def stages(self) -> list[str]:
+        return [s for s in STAGES if getattr(self, s) is not None]
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p).resolve()
+
+    def assistant_config(self, stage: str) -> AssistantConfig:
+        """The assistant a chat stage trains: LoRA/MoE/quantization only from instruct on."""
+        m = self.model
+        tuned = stage == "instruct"
+        return AssistantConfig(
+            name=self.name, llm=m.llm, vision=dict(m.vision), description=m.description,
+            lora=m.lora if tuned else None, moe=m.moe if tuned else None,
+            quantization=m.quantization if tuned else None,
+        )
+
+
+def _build(cls: Any, data: Any, where: str) -> Any:
+    """Recursively turn a YAML mapping into dataclass `cls`, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise GeoChatError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise GeoChatError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = _value(hints[key], value, f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise GeoChatError(f"{where}: {exc}") from exc
+
+
+def _value(hint: Any, value: Any, where: str) -> Any:
+    if value is None:
+        return None
+    origin = get_origin(hint)
+    candidates = [a for a in get_args(hint) if a is not type(None)] if origin in (Union, UnionType) else [hint]
+    for option in candidates:
+        if is_dataclass(option):
+            data = dict(value) if isinstance(value, dict) else value
+            if isinstance(data, dict) and "target_modules" in data:
+                data["target_modules"] = tuple(data["target_modules"])
+            return _build(option, data, where)
+    if float in candidates and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-3 (no dot) as a string
+        except ValueError as exc:
+            raise GeoChatError(f"{where}: expected a number, got {value!r}") from exc
+    if int in candidates and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise GeoChatError(f"{where}: expected an integer, got {value!r}")
+    if str in candidates and not isinstance(value, str):
+        raise GeoChatError(f"{where}: expected text, got {value!r}")
+    return value
+
+
+def load_recipe(path: Path) -> Recipe:
+    if not path.is_file():
+        raise GeoChatError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise GeoChatError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise GeoChatError(f"{path}: a recipe is a mapping of sections")
+    if "base_dir" in data:
+        raise GeoChatError(f"{path}: 'base_dir' is set from the file's location, not in the recipe")
+    return _build(Recipe, {**data, "base_dir": str(path.resolve().parent)}, path.name)

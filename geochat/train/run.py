@@ -1,0 +1,76 @@
+"""Run a recipe: its stages in order, each in its own directory, each starting from the last.
+
+    OUTPUT/recipe.yaml            the recipe as run
+    OUTPUT/align/                 log.jsonl, loss.png, checkpoint/, vision/ (the aligned tower), done.json
+    OUTPUT/pretrain/assistant/    an assistant directory after pretraining
+    OUTPUT/instruct/assistant/    ... after instruction tuning
+    OUTPUT/assistant/             the final result: the last chat stage's assistant (or the aligned tower)
+
+`resume=True` skips finished stages (`done.json`) and continues an unfinished one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from geochat.errors import GeoChatError
+from geochat.train.recipe import Recipe
+
+FINAL = "assistant"
+
+
+def _accelerator() -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not __import__("torch").cuda.is_available())
+
+
+def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False, progress: bool = True,
+               stop_after: int | None = None, use_accelerate: bool = True) -> Path:
+    """Train every stage of `recipe`; returns the final directory. `stop_after` simulates a kill (tests)."""
+    out = output or recipe.path(recipe.output)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise GeoChatError(f"{out} is not empty: pass --resume to continue that run, or another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = _accelerator() if use_accelerate else None
+    (out / "recipe.json").write_text(json.dumps(_jsonable(recipe), indent=2))
+    previous: Path | None = recipe.path(recipe.init) if recipe.init else None
+    if previous is not None and not previous.is_dir():
+        raise GeoChatError(f"init directory not found: {previous}")
+    for stage in recipe.stages:
+        directory = out / stage
+        done = directory / "done.json"
+        result = directory if stage == "align" else directory / FINAL
+        if resume and done.is_file():
+            previous = result
+            continue
+        if stage == "align":
+            from geochat.train.align import run_align
+
+            assert recipe.align is not None
+            run_align(recipe, recipe.align, directory, accelerator, resume, progress, stop_after)
+        else:
+            from geochat.train.chat import run_chat_stage
+
+            cfg = recipe.pretrain if stage == "pretrain" else recipe.instruct
+            assert cfg is not None
+            run_chat_stage(recipe, stage, cfg, directory, previous, accelerator, resume, progress, stop_after)
+        done.write_text(json.dumps({"stage": stage}))
+        previous = result
+    final = out / FINAL
+    if previous is not None and previous != final:
+        shutil.rmtree(final, ignore_errors=True)
+        if previous.name == FINAL:
+            shutil.copytree(previous, final)
+        else:  # align only: the aligned tower is the product
+            shutil.copytree(previous / "vision", final / "vision")
+    return final
+
+
+def _jsonable(recipe: Recipe) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(recipe)

@@ -1,0 +1,69 @@
+"""Every shipped recipe and accelerate config under adapters/ loads; bad recipes fail loudly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from geochat.errors import GeoChatError
+from geochat.train.recipe import load_recipe
+
+ADAPTERS = Path(__file__).resolve().parents[1] / "adapters"
+RECIPES = sorted(ADAPTERS.glob("*.yaml"))
+ACCELERATE = sorted((ADAPTERS / "accelerate").glob("*.yaml"))
+
+
+def test_there_are_recipes() -> None:
+    assert len(RECIPES) >= 3 and len(ACCELERATE) >= 3
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipe_loads(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.stages
+    for stage in recipe.stages:
+        cfg = recipe.assistant_config(stage)
+        assert cfg.vision["model_type"] == "geochat_hybrid_vision"
+    if recipe.model.quantization:
+        assert recipe.assistant_config("instruct").quantization == recipe.model.quantization
+
+
+@pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
+def test_accelerate_config_parses(path: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1
+    raw = yaml.safe_load(path.read_text())
+    assert raw["distributed_type"] in ("NO", "DEEPSPEED", "FSDP")
+    if raw["distributed_type"] == "DEEPSPEED":
+        assert raw["deepspeed_config"]["zero_stage"] == 2
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\noutput: o\nalign: {annotations: a.jsonl, typo_key: 1}\n", "unknown key"),
+    ("name: x\noutput: o\nalign: {annotations: a.jsonl}\nextra: 1\n", "unknown key"),
+    ("name: x\noutput: o\n", "at least one stage"),
+    ("name: x\noutput: o\nalign: {annotations: a.jsonl, optim: {lr: -1}}\n", "lr"),
+    ("name: x\noutput: o\nalign: {annotations: a.jsonl, optim: {batch_size: two}}\n", "integer"),
+    ("name: x\noutput: o\ninstruct: {conversations: c.json}\n", "lora"),
+    ("name: x\noutput: o\nmodel: {quantization: 3bit}\nalign: {annotations: a.jsonl}\n", "quantization"),
+    ("name: x\noutput: o\nmodel: {lora: {r: 0}}\ninstruct: {conversations: c.json}\n", "rank"),
+])
+def test_bad_recipes_are_rejected(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(GeoChatError, match=message):
+        load_recipe(_write(tmp_path, text))
+
+
+def test_numbers_and_relative_paths(tmp_path: Path) -> None:
+    recipe = load_recipe(_write(tmp_path, "name: x\noutput: o\nalign: {annotations: d/a.jsonl, optim: {lr: 1e-3}}\n"))
+    assert recipe.align is not None and recipe.align.optim.lr == 1e-3
+    assert recipe.path(recipe.align.annotations) == (tmp_path / "d" / "a.jsonl").resolve()

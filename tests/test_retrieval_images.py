@@ -1,0 +1,188 @@
+"""Image archive retrieval on a real chromadb store: generated, seeded images (PNG, JPEG, GeoTIFF), the
+shipped ImageNet stem as embedder, near-duplicate queries, captions for text→image, metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from PIL import Image
+from rasterio.transform import Affine
+
+from geochat.cli import main
+from geochat.retrieval import IndexStore, Retriever, StoreLocation, index_docs, index_images
+from geochat.retrieval.images import StemEmbedder, image_date
+from geochat.retrieval.text import TextEmbedder
+from tests.test_retrieval import write_docs
+
+SIZE = 128
+
+
+def _patterns(seed: int = 0) -> dict[str, np.ndarray]:
+    """Six visually distinct (h, w, 3) uint8 scenes."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    out = {}
+    stripes = ((y // 8) % 2).astype(np.float32)
+    out["stripes"] = np.stack([200 * stripes + 40, 60 * stripes + 40, 40 + 0 * stripes], -1)
+    checker = (((y // 32) + (x // 32)) % 2).astype(np.float32)
+    out["checker"] = np.stack([30 + 20 * checker, 90 + 120 * checker, 30 + 10 * checker], -1)
+    noise = rng.normal(size=(SIZE // 8, SIZE // 8))
+    blobs = np.kron(noise, np.ones((8, 8)))
+    out["blobs"] = np.stack([40 + 0 * blobs, 80 + 30 * blobs, 160 + 60 * blobs], -1)
+    out["gradient"] = np.stack([x * 2, y * 2, 255 - x], -1)
+    r = np.hypot(x - SIZE / 2, y - SIZE / 2)
+    rings = (np.sin(r / 3) > 0).astype(np.float32)
+    out["rings"] = np.stack([150 * rings + 60, 150 * rings + 60, 60 + 0 * rings], -1)
+    speck = rng.random((SIZE, SIZE))
+    out["speckle"] = np.repeat((speck * 255)[..., None], 3, -1)
+    texture = rng.normal(0, 10, (SIZE, SIZE, 1))  # scenes have grain; flat colour is not what archives hold
+    return {k: np.clip(v + texture, 0, 255).astype(np.uint8) for k, v in out.items()}
+
+
+def _near_duplicate(rgb: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    """Another capture of the same scene: brighter, a little noise, cropped by a few pixels, resampled."""
+    noisy = rgb.astype(np.int16) + rng.integers(-4, 5, rgb.shape) + 8
+    crop = np.clip(noisy, 0, 255).astype(np.uint8)[3:-3, 2:-4]
+    return np.asarray(Image.fromarray(crop).resize((SIZE + 22, SIZE + 22), Image.Resampling.BILINEAR))
+
+
+def _write_geotiff(path: Path, rgb: np.ndarray) -> None:
+    profile = {"driver": "GTiff", "width": SIZE, "height": SIZE, "count": 3, "dtype": "uint8",
+               "crs": "EPSG:32633", "transform": Affine(10, 0, 500000, 0, -10, 5000000)}
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(rgb.transpose(2, 0, 1))
+        ds.update_tags(TIFFTAG_DATETIME="2021:06:15 10:30:00")
+
+
+def make_archive(root: Path) -> dict[str, Path]:
+    """Seeded images in several formats, a sidecar caption and an annotations.jsonl."""
+    (root / "sub").mkdir(parents=True)
+    imgs = _patterns()
+    paths = {
+        "stripes": root / "stripes.png", "checker": root / "checker.png", "blobs": root / "sub" / "blobs.png",
+        "gradient": root / "scene_20190704.jpg", "rings": root / "sub" / "rings.png", "speckle": root / "speckle.tif",
+    }
+    for name, path in paths.items():
+        if path.suffix == ".tif":
+            _write_geotiff(path, imgs[name])
+        else:
+            Image.fromarray(imgs[name]).save(path, quality=95)
+    (root / "checker.txt").write_text("a chessboard of green fields\n")
+    (root / "annotations.jsonl").write_text(json.dumps(
+        {"image": "sub/rings.png", "captions": ["concentric circular irrigation rings", "round fields"],
+         "label": "farmland"}) + "\n")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def stem() -> StemEmbedder:
+    return StemEmbedder()
+
+
+@pytest.fixture(scope="module")
+def text() -> TextEmbedder:
+    return TextEmbedder()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, stem: StemEmbedder, text: TextEmbedder) -> tuple[Path, dict[str, Path]]:
+    root = tmp_path_factory.mktemp("archive")
+    paths = make_archive(root / "images")
+    store = IndexStore.open(StoreLocation(path=root / "index"), create=True)
+    index_docs(store, write_docs(root / "docs"), embedder=text, progress=False)
+    report = index_images(store, root / "images", embedder=stem, text_embedder=text, progress=False)
+    assert report.files == 6 and report.chunks_embedded == 6 and not report.failed_files
+    return root / "index", paths
+
+
+def test_near_duplicates_find_their_original(archive: tuple[Path, dict[str, Path]], text: TextEmbedder) -> None:
+    index, paths = archive
+    retriever = Retriever(IndexStore.open(StoreLocation(path=index)), k=3, text_embedder=text)
+    for seed, (name, rgb) in enumerate(_patterns().items()):
+        hits = retriever.similar_images(_near_duplicate(rgb, seed))
+        assert hits[0].path == str(paths[name].resolve()), (name, [h.path for h in hits])
+        assert hits[0].score > hits[1].score
+
+
+def test_metadata_and_text_search_through_captions(archive: tuple[Path, dict[str, Path]], text: TextEmbedder) -> None:
+    index, paths = archive
+    retriever = Retriever(IndexStore.open(StoreLocation(path=index)), k=6, text_embedder=text)
+    hits = retriever.search_images("circular irrigation fields")
+    assert hits[0].path == str(paths["rings"].resolve())
+    assert hits[0].metadata["caption"] == "concentric circular irrigation rings"
+    assert hits[0].metadata["label"] == "farmland"
+    assert {h.path for h in hits} == {str(paths["rings"].resolve()), str(paths["checker"].resolve())}  # captioned only
+    tif = retriever.similar_images(paths["speckle"])[0]
+    assert tif.path == str(paths["speckle"].resolve())
+    assert tif.metadata["crs"] == "EPSG:32633" and tif.metadata["date"] == "2021-06-15"
+    west, south, east, north = tif.metadata["bounds_lonlat"]
+    assert 14 < west < east < 16 and 44 < south < north < 46  # UTM 33N, 500 km E, 5000 km N
+    assert image_date(paths["gradient"]) == "2019-07-04"
+
+
+def test_incremental_image_reindex(tmp_path: Path, stem: StemEmbedder, text: TextEmbedder) -> None:
+    paths = make_archive(tmp_path / "images")
+    store = IndexStore.open(StoreLocation(path=tmp_path / "index"), create=True)
+    index_images(store, tmp_path / "images", embedder=stem, text_embedder=text, progress=False)
+    again = index_images(store, tmp_path / "images", embedder=stem, text_embedder=text, progress=False)
+    assert again.chunks_embedded == 0 and again.skipped == 6
+    paths["checker"].unlink()
+    Image.fromarray(_patterns(seed=1)["blobs"]).save(paths["blobs"])  # changed content
+    third = index_images(store, tmp_path / "images", embedder=stem, text_embedder=text, progress=False)
+    assert third.removed_files == [str(paths["checker"].resolve())]
+    assert third.embedded_files == [str(paths["blobs"])] and third.total_records == 5
+    retriever = Retriever(store, text_embedder=text)
+    assert all(h.path != str(paths["checker"].resolve()) for h in retriever.search_images("green chessboard"))
+
+
+def test_search_cli_with_image(archive: tuple[Path, dict[str, Path]], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    index, paths = archive
+    query = tmp_path / "query.png"
+    Image.fromarray(_near_duplicate(_patterns()["stripes"], 7)).save(query)
+    assert main(["search", "--image", str(query), "--k", "2", "--json", "--index-dir", str(index)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["passages"] == [] and len(data["images"]) == 2
+    assert set(data["images"][0]) == {"path", "score", "metadata"}
+    assert data["images"][0]["path"] == str(paths["stripes"].resolve())
+
+    assert main(["search", "round irrigation", "--k", "1", "--json", "--index-dir", str(index)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["images"][0]["path"] == str(paths["rings"].resolve()) and len(data["passages"]) == 1
+
+
+def test_trained_tower_is_swappable_and_never_mixed(
+    tmp_path: Path, text: TextEmbedder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dual-encoder tower (tiny, conv stem) replaces the stem embedder; its text side searches images
+    directly; indexing the same collection with the stem afterwards is refused."""
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.retrieval.images import TowerEmbedder
+    from geochat.train.dual_encoder import save_tower
+    from tests.tiny import TINY_VISION
+
+    config = GeoHybridVisionConfig(**{k: v for k, v in TINY_VISION.items() if k != "model_type"} | {"projection_dim": 384})
+    torch.manual_seed(0)
+    save_tower(GeoHybridVisionModel(config), tmp_path / "dual")
+    paths = make_archive(tmp_path / "images")
+    index = tmp_path / "index"
+    tower = TowerEmbedder(tmp_path / "dual")
+    store = IndexStore.open(StoreLocation(path=index), create=True)
+    index_images(store, tmp_path / "images", embedder=tower, text_embedder=text, progress=False)
+
+    retriever = Retriever(IndexStore.open(StoreLocation(path=index)), k=6, text_embedder=text)
+    assert retriever.image_embedder is not None and retriever.image_embedder.name == tower.name
+    assert len(retriever.search_images("farmland")) == 6  # the text side reaches uncaptioned images too
+    assert retriever.similar_images(paths["rings"])[0].path == str(paths["rings"].resolve())
+
+    capsys.readouterr()
+    code = main(["index", "images", str(tmp_path / "images"), "--embedder", "stem", "--index-dir", str(index),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be mixed" in err and err.count("\n") == 1

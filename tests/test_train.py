@@ -1,0 +1,147 @@
+"""Training: labels only on answers, resume after a kill equals an uninterrupted run, every stage
+runs on tiny models and generated data, the trained assistant loads and chats, `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+
+from geochat import GeoChat
+from geochat.model.assistant import build_assistant
+from geochat.train.chat import IGNORE, encode_conversation
+from geochat.train.loop import TrainingInterrupted, batch_indices
+from geochat.train.recipe import load_recipe
+from geochat.train.run import run_recipe
+from tests.tiny import TINY_VISION, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+VISION = {**TINY_VISION, "projection_dim": 384}  # the dual-encoder head matches MiniLM
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 captioned 32-px images (RSICD format) and LLaVA conversations about them."""
+    root = tmp_path_factory.mktemp("train-data")
+    (root / "images").mkdir()
+    rng = np.random.RandomState(0)
+    rows, convs = [], []
+    for i in range(8):
+        label = ["airport", "forest"][i % 2]
+        Image.fromarray((rng.rand(32, 32, 3) * 255).astype(np.uint8)).save(root / "images" / f"{i}.png")
+        rows.append({"image": f"images/{i}.png", "split": "val" if i >= 6 else "train", "label": label,
+                     "captions": [f"a {label} seen from above number {i} .", f"this is a {label} ."]})
+        convs.append({"id": str(i), "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": f"A {label}."}]})
+    (root / "ann.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (root / "conv.json").write_text(json.dumps(convs))
+    return root
+
+
+def _recipe(tmp: Path, data: Path, llm: Path, stages: dict, **model: object) -> Path:
+    recipe = {"name": "tiny", "output": str(tmp / "out"),
+              "model": {"llm": str(llm), "vision": VISION, **model},
+              "run": {"seed": 0, "log_every": 1, "eval_every": 2, "save_every": 1, "cache_dir": str(tmp / "cache")},
+              **stages}
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _align(data: Path, steps: int = 6) -> dict:
+    return {"align": {"annotations": str(data / "ann.jsonl"), "max_images": 5, "val_max": 2,
+                      "optim": {"lr": 1e-2, "batch_size": 4, "max_steps": steps}}}
+
+
+def test_labels_only_on_answers(tiny_llm_dir: Path) -> None:
+    a = build_assistant(tiny_config(tiny_llm_dir))
+    conv = [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": "a lake"},
+            {"from": "human", "value": "and the river?"}, {"from": "gpt", "value": "green farmland"}]
+    ids, labels = encode_conversation(a, conv)
+    assert len(ids) == len(labels) and ids.count(a.image_token_id) == a.num_image_tokens
+    kept = [t for t, lab in zip(ids, labels, strict=False) if lab != IGNORE]
+    assert all(lab in (IGNORE, t) for t, lab in zip(ids, labels, strict=False))
+    eos = a.tokenizer.eos_token
+    assert a.tokenizer.decode(kept) == f"a lake{eos}green farmland{eos}"
+    assert labels[-1] == a.tokenizer.eos_token_id and ids[-1] == a.tokenizer.eos_token_id
+    # the prompt of the first answer is exactly what the engine builds at inference
+    prompt = GeoChat(a)._prompt_ids([], "what is this?", with_image=True)
+    assert ids[: len(prompt)] == prompt and all(lab == IGNORE for lab in labels[: len(prompt)])
+    with pytest.raises(ValueError):
+        encode_conversation(a, [{"from": "human", "value": "x <image>"}, {"from": "gpt", "value": "y"}])
+
+
+def test_batches_are_a_function_of_the_step() -> None:
+    assert batch_indices(10, 4, 3, seed=1) == batch_indices(10, 4, 3, seed=1)
+    epoch0 = sum((batch_indices(10, 5, s, 0) for s in range(2)), [])
+    assert sorted(epoch0) == list(range(10))
+
+
+def test_align_resume_after_kill_matches_uninterrupted(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    straight = run_recipe(load_recipe(_recipe(tmp_path / "a", data, tiny_llm_dir, _align(data))), progress=False)
+    recipe = load_recipe(_recipe(tmp_path / "b", data, tiny_llm_dir, _align(data)))
+    with pytest.raises(TrainingInterrupted):
+        run_recipe(recipe, progress=False, stop_after=3)
+    state = json.loads((tmp_path / "b" / "out" / "align" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3
+    resumed = run_recipe(recipe, resume=True, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "b" / "out" / "align" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "step" in r and "loss" in r] == [1, 2, 3, 4, 5, 6]  # continues at 4
+    a, b = load_file(str(straight / "vision" / "model.safetensors")), load_file(str(resumed / "vision" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert (tmp_path / "b" / "out" / "align" / "loss.png").stat().st_size > 1000
+    assert any("zero_shot_acc" in r.get("eval", {}) for r in log)
+    with pytest.raises(Exception, match="not empty"):
+        run_recipe(recipe, progress=False)
+
+
+def test_all_stages_give_an_assistant_that_chats(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    chat = {"conversations": str(data / "conv.json"), "val_samples": 2, "max_length": 256,
+            "optim": {"lr": 1e-3, "batch_size": 2, "max_steps": 2}}
+    stages = {**_align(data, steps=2), "pretrain": chat, "instruct": chat}
+    path = _recipe(tmp_path, data, tiny_llm_dir, stages, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    final = run_recipe(load_recipe(path), progress=False)
+    cfg = json.loads((final / "geochat_config.json").read_text())
+    assert cfg["projector_trained"] and cfg["lora"]["r"] == 4
+    gc = GeoChat.from_pretrained(final, max_new_tokens=4)
+    assert "untrained" not in gc.model_info.name
+    assert isinstance(gc.chat((np.random.rand(32, 32, 3) * 255).astype(np.uint8), "what is this?").answer, str)
+    # the aligned tower went into the assistant and was saved with it
+    aligned = load_file(str(tmp_path / "out" / "align" / "vision" / "model.safetensors"))
+    pretrained = load_file(str(tmp_path / "out" / "pretrain" / "assistant" / "vision" / "model.safetensors"))
+    torch.testing.assert_close(aligned["head.weight"], pretrained["head.weight"])
+    assert (tmp_path / "out" / "instruct" / "loss.png").is_file()
+
+
+def test_instruct_qlora_and_moe_one_step(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    chat = {"conversations": str(data / "conv.json"), "val_samples": 0, "max_length": 256,
+            "optim": {"lr": 1e-3, "batch_size": 2, "max_steps": 1}}
+    path = _recipe(tmp_path, data, tiny_llm_dir, {"instruct": chat}, quantization="4bit",
+                   lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                   moe={"num_experts": 3, "top_k": 2, "r": 2, "alpha": 4, "target_modules": ["gate_proj"]})
+    final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
+    assert (final / "moe.safetensors").is_file() and (final / "adapter").is_dir()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_one_cpu_process(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    path = _recipe(tmp_path, data, tiny_llm_dir, _align(data, steps=2))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    launcher = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(launcher), "launch", "--config_file", str(REPO / "adapters" / "accelerate" / "cpu.yaml"),
+                           "-m", "geochat.train", str(path), "--quiet"], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "assistant" / "vision" / "model.safetensors").is_file()
