@@ -145,3 +145,17 @@ def test_accelerate_launch_one_cpu_process(tmp_path: Path, data: Path, tiny_llm_
                           timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "out" / "assistant" / "vision" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_shipped_default_model_loads_and_answers() -> None:
+    directory = REPO / "adapters" / "geochat-mini"
+    if not (directory / "geochat_config.json").is_file():
+        pytest.skip("adapters/geochat-mini is not trained yet")
+    weights = [p for p in directory.rglob("*") if p.is_file() and p.suffix not in (".md", ".png", ".json")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in weights) <= 40 * 2**20
+    gc = GeoChat.from_pretrained(max_new_tokens=8)  # the default switches to the shipped model
+    assert gc.model_info.name == "geochat-mini"
+    rgb = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)
+    assert gc.chat(rgb, "Describe this image.").answer.strip()
