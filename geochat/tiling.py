@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geochat.answer import Answer, BoxResult, Timings
+from geochat.errors import GeoChatError
 from geochat.grounding import Box, box_to_pixel_polygon, pixel_box_to_grid, rotated_iou
 from geochat.imagery import load_image, pixel_to_lonlat, polygons_to_geojson, read_window
 
@@ -72,6 +73,8 @@ def chat_tiled(
     **chat_kwargs: Any,
 ) -> Answer:
     """Ask `message` of every tile of a large raster; boxes come back merged in raster pixels and EPSG:4326."""
+    if tile <= overlap or overlap < 0:
+        raise GeoChatError(f"--tile ({tile}) must be larger than --overlap ({overlap}), and --overlap at least 0")
     overview = load_image(source, bands=bands, sensor=sensor)
     info = overview.info
     found: list[tuple[str | None, Box]] = []

@@ -92,3 +92,15 @@ def test_console_script_never_shows_a_traceback(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_tiled_json(capsys: pytest.CaptureFixture[str], model_dir: Path, geotiffs: dict[str, Path]) -> None:
+    code, out, _ = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "buildings", "--model", str(model_dir),
+                        "--json", "--max-new-tokens", "4", "--tile", "256", "--overlap", "32", "--task", "refer",
+                        "--no-retrieval")
+    assert code == 0
+    data = json.loads(out)
+    assert data["task"] == "refer" and data["facts"]["size"] == [600, 300]
+    code, _, err = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "x", "--model", str(model_dir), "--tile", "64",
+                        "--overlap", "64", "--no-retrieval")
+    assert code == 2 and "overlap" in err

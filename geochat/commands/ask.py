@@ -28,6 +28,8 @@ def register(sub: Any) -> None:
     p.add_argument("--no-image", action="store_true", help="a text-only question")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", type=Path, help="where to save the image with boxes drawn (default: IMAGE_boxes.png)")
+    p.add_argument("--tile", type=int, help="large scenes: ask every overlapping TILE-pixel window and merge the boxes")
+    p.add_argument("--overlap", type=int, default=128, help="pixels shared by neighbouring tiles (with --tile)")
     p.add_argument("--no-retrieval", action="store_true", help="answer without documentation passages")
     p.add_argument("--k", type=int, default=4, help="documentation passages to put in the prompt (default 4)")
     add_store_arguments(p)
@@ -86,7 +88,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_retrieval:
         gc.retriever = _retriever(args)
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
-    answer = gc.chat(loaded, question, task=args.task, cot=args.cot, region=args.region, labels=labels)
+    if args.tile:
+        if image_path is None or args.region:
+            raise GeoChatError("--tile needs an image and does not take --region")
+        answer = gc.chat_tiled(image_path, question, task=args.task or "grounding", tile=args.tile,
+                               overlap=args.overlap, bands=args.bands, sensor=args.sensor, cot=args.cot, labels=labels)
+    else:
+        answer = gc.chat(loaded, question, task=args.task, cot=args.cot, region=args.region, labels=labels)
 
     if args.json:
         print(json.dumps(answer.to_json(), ensure_ascii=False))
