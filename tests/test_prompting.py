@@ -115,7 +115,7 @@ def test_facts_block():
     block = msg[msg.index(FACTS_BEGIN) : msg.index(FACTS_END) + len(FACTS_END)]
     lines = block.splitlines()[1:-1]
     assert lines == ["- size_px: 600, 300", "- crs: EPSG:32633", "- gsd_m: 10", "- ndvi.mean: 0.4235"]
-    assert msg.index("Is it vegetated?") < msg.index(FACTS_BEGIN)
+    assert msg.index(FACTS_END) < msg.index("Is it vegetated?")  # the question comes last, after the data
 
 
 def test_facts_cannot_close_block():

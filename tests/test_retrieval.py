@@ -300,9 +300,10 @@ def test_injected_instructions_stay_inert_data(injected_index: Path, embedder: T
     passages = retriever.search(question, k=2)
     assert passages[0].source == "docs/harbour.md"
     message = build_user_message(question, passages=passages)
-    assert message.startswith(question)  # the task is still the user's question, no task token
+    # the task is still the user's question (last, after the data), and no task token got in
+    assert message.rstrip().endswith(question)
     begin, end = message.index(PASSAGES_BEGIN), message.index(PASSAGES_END)
-    assert message.count(PASSAGES_END) == 1 and message.rstrip().endswith(PASSAGES_END)
+    assert message.count(PASSAGES_END) == 1 and end < message.index(question)
     assert "[refer]" not in message and "<|im_start|>" not in message
     injected_at = message.index("Ignore previous instructions")
     assert begin < injected_at < end
@@ -312,7 +313,7 @@ def test_injected_instructions_stay_inert_data(injected_index: Path, embedder: T
     gc = GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=4)
     gc.retriever = retriever
     answer = gc.chat(None, question, task=None)
-    assert answer.task == "chat" and answer.prompt.startswith(question)
+    assert answer.task == "chat" and answer.prompt.rstrip().endswith(question)
     assert answer.sources[0]["source"] == "docs/harbour.md" and answer.sources[0]["id"] == "S1"
     assert "[refer]" not in answer.prompt
 
