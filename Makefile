@@ -22,13 +22,17 @@ $(STAMP): pyproject.toml
 	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
 
-# Debian's Chromium for the browser tests (Playwright drives it; no browser download).
+# Debian's Chromium for the browser tests (Playwright drives it; no browser download), and a Java
+# runtime for pycocoevalcap's METEOR.
 .PHONY: browser
 browser:
-	@if ! command -v chromium >/dev/null 2>&1; then \
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
-			apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-		else echo "note: install Debian's chromium to run the browser tests"; fi; \
+			apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+		else echo "note: install$$missing (Debian packages) for the browser tests and METEOR"; fi; \
 	fi
 
 demo: install

@@ -282,20 +282,7 @@ class GeoChat:
         return time.perf_counter() - t, session
 
     def _prompt_ids(self, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
-        a = self.assistant
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-        image_prefix = a.config.image_token * a.num_image_tokens + "\n" if with_image else ""
-        for i, turn in enumerate(turns):
-            messages.append({"role": "user", "content": (image_prefix if i == 0 else "") + turn.user})
-            messages.append({"role": "assistant", "content": turn.assistant})
-        messages.append({"role": "user", "content": (image_prefix if not turns else "") + user})
-        encoded: Any = a.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids: list[int] = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-        if with_image and ids.count(a.image_token_id) != a.num_image_tokens:
-            raise GeoChatError(
-                f"prompt holds {ids.count(a.image_token_id)} image tokens, the tower gives {a.num_image_tokens}"
-            )
-        return ids
+        return prompt_ids(self.assistant, turns, user, with_image)
 
     def _generate(self, session: _Session, ids: list[int], max_new_tokens: int, streamer: _TimedStreamer) -> str:
         a = self.assistant
@@ -351,6 +338,27 @@ class GeoChat:
             results.append(BoxResult(box.phrase, (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta), ring))
         properties = [{"phrase": b.phrase, "pixel": list(r.pixel)} for b, r in zip(boxes, results, strict=False)]
         return results, polygons_to_geojson(polygons, info, properties)
+
+
+def prompt_ids(a: Assistant, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
+    """Token ids of a conversation as the model sees it (training builds its samples with this too).
+
+    System prompt, then the turns; `<image>` × N and a newline open the first user turn when there
+    is an image; the tokenizer's own chat template does the rest.
+    """
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    image_prefix = a.config.image_token * a.num_image_tokens + "\n" if with_image else ""
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": (image_prefix if i == 0 else "") + turn.user})
+        messages.append({"role": "assistant", "content": turn.assistant})
+    messages.append({"role": "user", "content": (image_prefix if not turns else "") + user})
+    encoded: Any = a.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids: list[int] = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    if with_image and ids.count(a.image_token_id) != a.num_image_tokens:
+        raise GeoChatError(
+            f"prompt holds {ids.count(a.image_token_id)} image tokens, the tower gives {a.num_image_tokens}"
+        )
+    return ids
 
 
 def _source_json(p: Passage) -> dict[str, Any]:

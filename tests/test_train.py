@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from geochat import GeoChat
+from geochat.engine import prompt_ids
 from geochat.model.assistant import build_assistant
 from geochat.train.chat import IGNORE, encode_conversation
 from geochat.train.loop import TrainingInterrupted, batch_indices
@@ -75,7 +76,7 @@ def test_labels_only_on_answers(tiny_llm_dir: Path) -> None:
     assert a.tokenizer.decode(kept) == f"a lake{eos}green farmland{eos}"
     assert labels[-1] == a.tokenizer.eos_token_id and ids[-1] == a.tokenizer.eos_token_id
     # the prompt of the first answer is exactly what the engine builds at inference
-    prompt = GeoChat(a)._prompt_ids([], "what is this?", with_image=True)
+    prompt = prompt_ids(a, [], "what is this?", with_image=True)
     assert ids[: len(prompt)] == prompt and all(lab == IGNORE for lab in labels[: len(prompt)])
     with pytest.raises(ValueError):
         encode_conversation(a, [{"from": "human", "value": "x <image>"}, {"from": "gpt", "value": "y"}])

@@ -69,12 +69,17 @@ class Assistant:
     llm_source: str  # where the LLM weights came from (a dir or hub id), for `save`
 
     @property
+    def llava(self) -> LlavaForConditionalGeneration:
+        """The LLaVA model itself, under any peft wrapper."""
+        return _llava(self.model)
+
+    @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+        return self.llava.model.vision_tower
 
     @property
     def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
+        return self.llava.model.multi_modal_projector
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Pretrain and instruct stages: next-token loss on the answers of LLaVA-format conversations.
 
-Samples are tokenised by the engine's own prompt path (`GeoChat._prompt_ids`: system prompt, the
+Samples are tokenised by the engine's own prompt path (`geochat.engine.prompt_ids`: system prompt, the
 image placeholder ×N + "\\n" opening the first user turn, the tokenizer's chat template), so the
 model is trained on exactly the token layout it sees at inference. Labels are -100 everywhere
 except each answer and the end-of-turn token that closes it, so only answers carry loss:
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from geochat.answer import Turn
 from geochat.errors import GeoChatError
-from geochat.model.assistant import PROJECTOR_FILE, VISION_DIR, Assistant, _llava, build_assistant, save_assistant
+from geochat.model.assistant import PROJECTOR_FILE, VISION_DIR, Assistant, build_assistant, save_assistant
 from geochat.model.moe_lora import collect_aux_loss
 from geochat.model.processor import to_pixel_values
 from geochat.train.features import read_rgb
@@ -45,10 +45,10 @@ class Encoded:
 
 
 def _prompt_ids(assistant: Assistant, turns: list[Turn], user: str, with_image: bool) -> list[int]:
-    from geochat.engine import GeoChat
+    from geochat.engine import prompt_ids
 
     # The engine's one prompt path (system prompt, image placeholder, chat template).
-    return GeoChat(assistant)._prompt_ids(turns, user, with_image)
+    return prompt_ids(assistant, turns, user, with_image)
 
 
 def split_turns(conversations: list[dict[str, str]]) -> tuple[list[Turn], bool]:
@@ -141,7 +141,7 @@ def collate(samples: list[Encoded], assistant: Assistant, pad_id: int) -> dict[s
 
 def _parts(assistant: Assistant) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(tower, projector), also under a peft wrapper (`Assistant.vision_tower` misses them there)."""
-    llava = _llava(assistant.model)
+    llava = assistant.llava
     return llava.model.vision_tower, llava.model.multi_modal_projector
 
 
