@@ -12,12 +12,12 @@ a row that is not valid JSON or names no image is an error with its line number.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from geochat.errors import GeoChatError
+from geochat.jsonl import iter_jsonl
 
 
 @dataclass(frozen=True)
@@ -70,13 +70,7 @@ def read_annotations(path: Path, split: str | None = None) -> list[Row]:
     if not path.is_file():
         raise GeoChatError(f"annotation file not found: {path}")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GeoChatError(f"{path}:{i}: not valid JSON ({exc.msg})") from exc
+    for i, obj in iter_jsonl(path):
         row = parse_row(obj, path.parent, f"{path}:{i}")
         if split is None or row.split == split:
             rows.append(row)

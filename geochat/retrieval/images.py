@@ -39,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from geochat.errors import GeoChatError, ImageryError
+from geochat.jsonl import iter_jsonl
 from geochat.retrieval.docs import IndexReport
 from geochat.retrieval.store import CAPTIONS, IMAGES, IndexStore
 from geochat.retrieval.text import TextEmbedder
@@ -171,13 +172,7 @@ def annotation_captions(root: Path) -> dict[Path, dict[str, Any]]:
     """image path → {"captions": [...], "label": ...} from every `annotations.jsonl` under `root`."""
     out: dict[Path, dict[str, Any]] = {}
     for ann in sorted(root.rglob("annotations.jsonl")):
-        for n, line in enumerate(ann.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GeoChatError(f"{ann}:{n}: not JSON ({exc})") from exc
+        for _, row in iter_jsonl(ann):
             if isinstance(row, dict) and "image" in row:
                 captions = row.get("captions") or ([row["caption"]] if row.get("caption") else [])
                 out[_abs(ann.parent / row["image"])] = {"captions": [str(c) for c in captions],
