@@ -49,7 +49,15 @@ from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_t
 from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
 from geochat.model.config import AssistantConfig, offline_default_config
 from geochat.model.processor import to_pixel_values
-from geochat.prompting import SYSTEM_PROMPT, Passage, Task, build_user_message, prompt_facts, split_reasoning
+from geochat.prompting import (
+    SYSTEM_PROMPT,
+    TASK_TOKENS,
+    Passage,
+    Task,
+    build_user_message,
+    prompt_facts,
+    split_reasoning,
+)
 
 ImageInput = str | Path | bytes | np.ndarray | LoadedImage | Any  # Any: PIL.Image.Image
 TextCallback = Callable[[str], None]
@@ -191,7 +199,8 @@ class GeoChat:
         region_box = self._region_box(region, loaded) if region is not None else None
         if task is Task.IDENTIFY and region_box is None:
             raise GeoChatError("the identify task needs a region: pass --region x1,y1,x2,y2 (pixels)")
-        if passages is None and self.retriever is not None:
+        # Documentation helps answer questions, not locate pixels: grounding tasks get no passages.
+        if passages is None and self.retriever is not None and task not in TASK_TOKENS:
             passages = self.retriever.search(message)
         facts = loaded.facts if loaded is not None else {}
         turns = [t if isinstance(t, Turn) else Turn(*t) for t in (history or ())]

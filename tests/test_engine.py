@@ -137,3 +137,22 @@ def test_concurrent_users_get_their_own_answers(gc: GeoChat) -> None:
         concurrent = list(pool.map(lambda iq: gc.chat(*iq).raw, zip(images, questions, strict=True)))
     assert concurrent == sequential
     assert len(set(sequential)) > 1  # the inputs differ, so must the answers
+
+
+def test_grounding_tasks_skip_retrieval(gc: GeoChat) -> None:
+    from geochat.prompting import Passage
+
+    class Counting:
+        calls = 0
+
+        def search(self, query: str) -> list[Passage]:
+            Counting.calls += 1
+            return [Passage("S1", "knowledge/x.md", "H", "text")]
+
+    gc.retriever = Counting()
+    try:
+        assert gc.chat(_image(), "the river", task="refer").sources == []
+        assert gc.chat(_image(), "what is NDVI?").sources[0]["source"] == "knowledge/x.md"
+        assert Counting.calls == 1
+    finally:
+        gc.retriever = None
