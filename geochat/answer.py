@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from geochat.grounding import Box
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -23,6 +25,10 @@ class BoxResult:
     phrase: str | None
     pixel: tuple[float, float, float, float, float]  # x1, y1, x2, y2 in original raster pixels, θ in degrees
     polygon_lonlat: list[tuple[float, float]] | None  # closed ring, EPSG:4326; None without georeferencing
+
+    def pixel_polygon(self) -> list[tuple[float, float]]:
+        """The box's (rotated) corners in original raster pixels."""
+        return Box(*self.pixel).corners()
 
 
 @dataclass(frozen=True)

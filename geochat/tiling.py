@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from geochat.answer import Answer, BoxResult, Timings
 from geochat.errors import GeoChatError
-from geochat.grounding import Box, box_to_pixel_polygon, pixel_box_to_grid, rotated_iou
-from geochat.imagery import load_image, pixel_to_lonlat, polygons_to_geojson, read_window
+from geochat.grounding import Box, rotated_iou
+from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson, read_window
 
 if TYPE_CHECKING:
     from geochat.engine import GeoChat
@@ -70,12 +70,14 @@ def chat_tiled(
     overlap: int = DEFAULT_OVERLAP,
     bands: Sequence[int] | str | None = None,
     sensor: str | None = None,
+    overview: LoadedImage | None = None,
     **chat_kwargs: Any,
 ) -> Answer:
     """Ask `message` of every tile of a large raster; boxes come back merged in raster pixels and EPSG:4326."""
     if tile <= overlap or overlap < 0:
         raise GeoChatError(f"--tile ({tile}) must be larger than --overlap ({overlap}), and --overlap at least 0")
-    overview = load_image(source, bands=bands, sensor=sensor)
+    if overview is None:  # the caller may already hold it (the CLI draws the boxes on it)
+        overview = load_image(source, bands=bands, sensor=sensor)
     info = overview.info
     found: list[tuple[str | None, Box]] = []
     texts: list[str] = []
@@ -93,8 +95,7 @@ def chat_tiled(
             found.append((result.phrase, Box(t.col + x1 * scale, t.row + y1 * scale, t.col + x2 * scale,
                                         t.row + y2 * scale, theta)))
     merged = merge_boxes(found)
-    w, h = info.width, info.height
-    polygons = [box_to_pixel_polygon(pixel_box_to_grid(b.x1, b.y1, b.x2, b.y2, w, h, b.theta), w, h) for _, b in merged]
+    polygons = [b.corners() for _, b in merged]
     results = []
     for (phrase, b), polygon in zip(merged, polygons, strict=True):
         lonlat = pixel_to_lonlat(info, polygon)

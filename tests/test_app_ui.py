@@ -23,7 +23,6 @@ from geochat.serving.images import ImageTooLargeError, parse_bands
 from geochat.serving.render import (
     AppendOnly,
     annotate,
-    box_polygon,
     feature_collection,
     info_markdown,
     live_split,
@@ -209,7 +208,7 @@ def test_sources_and_similar_images_are_shown_when_retrieval_is_present(
 def test_boxes_are_drawn_and_downloadable_as_geojson(logic: SessionLogic, geotiffs: dict[str, Path]) -> None:
     loaded = load_image(geotiffs["rect_600x300_utm.tif"], max_size=300)
     box = BoxResult("the field", (100.0, 50.0, 300.0, 150.0, 0.0), None)
-    polygon = box_polygon(box, 600, 300)
+    polygon = box.pixel_polygon()
     assert np.allclose(polygon, [(100, 50), (300, 50), (300, 150), (100, 150)], atol=1e-6)
     geojson = polygons_to_geojson([polygon], loaded.info, [{"phrase": "the field"}])
     answer = _answer(loaded, [box], geojson, [])
@@ -235,7 +234,7 @@ def test_a_grounded_cot_answer_fills_every_panel(geotiffs: dict[str, Path], tmp_
     """A scripted engine (the answer built by hand) streams reasoning, then an answer with a box."""
     loaded = load_image(geotiffs["rect_600x300_utm.tif"])
     box = BoxResult("the field", (100.0, 50.0, 300.0, 150.0, 0.0), None)
-    geojson = polygons_to_geojson([box_polygon(box, 600, 300)], loaded.info, [{"phrase": "the field"}])
+    geojson = polygons_to_geojson([box.pixel_polygon()], loaded.info, [{"phrase": "the field"}])
     pieces = ["Reasoning: the ", "field is bright.", "\nAnswer: <p>the field</p> ", "{<17><33><50><67>|<0>}"]
 
     class ScriptedEngine:

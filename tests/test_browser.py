@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from geochat import GeoChat
+from tests.processes import stop
 from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,11 +81,7 @@ def app_url(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, timeout=15)
         log.close()
 
 

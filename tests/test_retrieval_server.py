@@ -17,6 +17,7 @@ from geochat.cli import main
 from geochat.errors import GeoChatError
 from geochat.retrieval import IndexStore, Retriever, StoreLocation, index_docs
 from geochat.retrieval.text import TextEmbedder
+from tests.processes import stop
 from tests.test_retrieval import write_docs
 
 CHROMA = Path(sys.executable).parent / "chroma"
@@ -56,12 +57,7 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreLoc
                 time.sleep(0.25)
         yield location
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=10)
         log.close()
 
 

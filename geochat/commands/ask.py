@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tile:
         if image_path is None or args.region:
             raise GeoChatError("--tile needs an image and does not take --region")
-        answer = gc.chat_tiled(image_path, question, task=args.task or "grounding", tile=args.tile,
+        answer = gc.chat_tiled(image_path, question, overview=loaded, task=args.task or "grounding", tile=args.tile,
                                overlap=args.overlap, bands=args.bands, sensor=args.sensor, cot=args.cot, labels=labels)
     else:
         answer = gc.chat(loaded, question, task=args.task, cot=args.cot, region=args.region, labels=labels)
@@ -106,10 +106,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  box {box.phrase or '-'}: pixels {[round(v, 1) for v in box.pixel]}")
     if answer.boxes and loaded is not None and image_path is not None:
         from geochat.drawing import draw_boxes
-        from geochat.grounding import box_to_pixel_polygon, pixel_box_to_grid
 
-        w, h = loaded.info.width, loaded.info.height
-        polygons = [box_to_pixel_polygon(pixel_box_to_grid(*b.pixel[:4], w, h, b.pixel[4]), w, h) for b in answer.boxes]
+        polygons = [b.pixel_polygon() for b in answer.boxes]
         out = args.out or Path(f"{image_path.stem}_boxes.png")
         draw_boxes(loaded.rgb, polygons, [b.phrase for b in answer.boxes], scale=loaded.scale).save(out)
         print(f"boxes drawn on {out}", file=sys.stderr)

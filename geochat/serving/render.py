@@ -21,7 +21,7 @@ from PIL import Image
 
 from geochat.answer import Answer, BoxResult
 from geochat.drawing import draw_boxes
-from geochat.grounding import box_to_pixel_polygon, pixel_box_to_grid, strip_grounding
+from geochat.grounding import strip_grounding
 from geochat.imagery import LoadedImage
 from geochat.prompting import split_reasoning
 
@@ -33,12 +33,6 @@ DISPLAY_MIN_PX = 480     # previews with a shorter long side are enlarged by a w
 
 # -- image ----------------------------------------------------------------------------------------
 
-def box_polygon(box: BoxResult, width: int, height: int) -> list[tuple[float, float]]:
-    """The (rotated) corners of a box in original raster pixels."""
-    x1, y1, x2, y2, theta = box.pixel
-    return box_to_pixel_polygon(pixel_box_to_grid(x1, y1, x2, y2, width, height, theta), width, height)
-
-
 def display_zoom(loaded: LoadedImage) -> int:
     """How many screen pixels a preview pixel gets: small rasters (a 64 px chip) are enlarged."""
     return max(1, DISPLAY_MIN_PX // max(loaded.rgb.shape[:2]))
@@ -49,8 +43,7 @@ def annotate(
 ) -> Image.Image:
     """The preview (enlarged `zoom` times, nearest neighbour) with the answer's boxes, labelled with
     their phrases, and the selected region."""
-    w, h = loaded.info.width, loaded.info.height
-    polygons = [box_polygon(b, w, h) for b in boxes]
+    polygons = [b.pixel_polygon() for b in boxes]
     labels: list[str | None] = [b.phrase for b in boxes]
     if region is not None:
         x1, y1, x2, y2 = region[:4]
