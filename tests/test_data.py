@@ -159,6 +159,31 @@ def test_kinds_filter(sources: dict[str, Path], tmp_path: Path) -> None:
     assert main(["data", "build-instruct", "--rsicd", str(sources["rsicd"]), "--out", str(out), "--kinds", "poems"]) == 2
 
 
+def test_facts_block_is_what_the_engine_prompts(built: tuple[Path, list[dict]], sources: dict[str, Path]) -> None:
+    from geochat.imagery import load_image
+    from geochat.prompting import prompt_facts, render_facts
+
+    sample = next(s for s in built[1] if s["id"].endswith("-brief"))
+    facts = load_image(built[0].parent / sample["image"]).facts
+    human = sample["conversations"][0]["value"]
+    assert render_facts(prompt_facts(facts)) in human
+    assert render_facts(facts) not in human  # bookkeeping facts (file name, …) stay out of the prompt
+
+
+def test_denser_tiles_give_more_grounding_samples(sources: dict[str, Path], tmp_path: Path) -> None:
+    def grounding(*extra: str) -> list[dict]:
+        out = tmp_path / f"g{len(extra)}.json"
+        assert main(["data", "build-instruct", "--dota", str(sources["dota"]), "--spacenet", str(sources["tif"]),
+                     str(sources["geojson"]), "--out", str(out), "--no-facts", *extra]) == 0
+        return json.loads(out.read_text())
+
+    default, dense = grounding(), grounding("--tile-stride", "0.25")
+    assert len({s["image"] for s in dense}) > 2 * len({s["image"] for s in default})
+    assert {s["id"].split("-")[0] for s in dense} == {"dota", "spacenet"}
+    assert main(["data", "build-instruct", "--dota", str(sources["dota"]), "--out", str(tmp_path / "x.json"),
+                 "--tile-stride", "3"]) == 2
+
+
 def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "build-instruct", "--out", str(tmp_path / "x.json")]) == 2
     assert main(["data", "build-instruct", "--rsicd", str(tmp_path / "missing"), "--out", str(tmp_path / "x.json")]) == 2

@@ -139,7 +139,7 @@ def test_concurrent_users_get_their_own_answers(gc: GeoChat) -> None:
     assert len(set(sequential)) > 1  # the inputs differ, so must the answers
 
 
-def test_grounding_tasks_skip_retrieval(gc: GeoChat) -> None:
+def test_only_chat_turns_retrieve(gc: GeoChat) -> None:
     from geochat.prompting import Passage
 
     class Counting:
@@ -152,7 +152,35 @@ def test_grounding_tasks_skip_retrieval(gc: GeoChat) -> None:
     gc.retriever = Counting()
     try:
         assert gc.chat(_image(), "the river", task="refer").sources == []
+        for task in ("caption", "classify"):  # pixel tasks are asked as the model was trained: no passages
+            answer = gc.chat(_image(), "", task=task)
+            assert answer.sources == [] and "REFERENCE PASSAGES" not in answer.prompt
         assert gc.chat(_image(), "what is NDVI?").sources[0]["source"] == "knowledge/x.md"
         assert Counting.calls == 1
     finally:
         gc.retriever = None
+
+
+def test_chat_batch_equals_one_chat_per_image(gc: GeoChat, tmp_path: Path) -> None:
+    """Batched greedy answers (left-padded prompts of different lengths) equal the one-by-one answers."""
+    from PIL import Image
+
+    rng = np.random.RandomState(3)
+    paths = []
+    for i, size in enumerate([(40, 40), (64, 48), (30, 90)]):  # facts differ in length → padding
+        path = tmp_path / f"{i}.png"
+        Image.fromarray((rng.rand(*size, 3) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    labels = ["forest", "harbor", "desert"]
+    for task, kwargs in (("caption", {}), ("classify", {"labels": labels})):
+        batch = gc.chat_batch(paths, "", task=task, max_new_tokens=6, **kwargs)
+        one = [gc.chat(p, "", task=task, max_new_tokens=6, **kwargs).answer for p in paths]
+        assert batch == one and len(batch) == 3
+    questions = ["is there a river?", "how many roads are there in this scene?", "what is it?"]
+    assert gc.chat_batch(paths, questions, max_new_tokens=5) == [gc.chat(p, q, max_new_tokens=5).answer
+                                                                 for p, q in zip(paths, questions, strict=True)]
+    with pytest.raises(GeoChatError, match="messages for"):
+        gc.chat_batch(paths, ["one"], max_new_tokens=2)
+    with pytest.raises(GeoChatError, match="refer"):
+        gc.chat_batch(paths, "a ship", task="refer")
+    assert gc.chat_batch([], "x") == []

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from geochat import GeoChat
 from geochat.engine import prompt_ids
 from geochat.model.assistant import build_assistant
-from geochat.train.chat import IGNORE, encode_conversation
+from geochat.train.chat import IGNORE, Encoded, answer_loss, collate, encode_conversation
 from geochat.train.loop import TrainingInterrupted, batch_indices
 from geochat.train.recipe import load_recipe
 from geochat.train.run import run_recipe
@@ -59,9 +59,9 @@ def _recipe(tmp: Path, data: Path, llm: Path, stages: dict, **model: object) -> 
     return path
 
 
-def _align(data: Path, steps: int = 6) -> dict:
+def _align(data: Path, steps: int = 6, **extra: object) -> dict:
     return {"align": {"annotations": str(data / "ann.jsonl"), "max_images": 5, "val_max": 2,
-                      "optim": {"lr": 1e-2, "batch_size": 4, "max_steps": steps}}}
+                      "optim": {"lr": 1e-2, "batch_size": 4, "max_steps": steps}, **extra}}
 
 
 def test_labels_only_on_answers(tiny_llm_dir: Path) -> None:
@@ -80,6 +80,31 @@ def test_labels_only_on_answers(tiny_llm_dir: Path) -> None:
     assert ids[: len(prompt)] == prompt and all(lab == IGNORE for lab in labels[: len(prompt)])
     with pytest.raises(ValueError):
         encode_conversation(a, [{"from": "human", "value": "x <image>"}, {"from": "gpt", "value": "y"}])
+
+
+def test_answer_loss_equals_the_full_causal_lm_loss(tiny_llm_dir: Path, data: Path) -> None:
+    """Left padding, explicit positions and logits only over the answers give the usual loss exactly."""
+    a = build_assistant(tiny_config(tiny_llm_dir))
+    convs = [[{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": "a lake"}],
+             [{"from": "human", "value": "<image>\ndescribe the scene in a few words please"},
+              {"from": "gpt", "value": "green farmland and a long river beside a road"}]]
+    samples = [Encoded(data / "images" / "0.png", *encode_conversation(a, c)) for c in convs]
+    assert len(samples[0].input_ids) != len(samples[1].input_ids)  # padding is exercised
+    pad = a.tokenizer.pad_token_id if a.tokenizer.pad_token_id is not None else a.tokenizer.eos_token_id
+    a.model.eval()
+    with torch.no_grad():
+        ours = answer_loss(a.model, collate(samples, a, pad))
+        # reference: each sample alone (no padding), the model's own loss over all its logits, token-weighted
+        total = count = 0.0
+        for s in samples:
+            batch = collate([s], a, pad)
+            batch.pop("position_ids")
+            n = sum(lab != IGNORE for lab in s.labels) - 0  # labels shift by one inside the model
+            total += float(a.model(**batch).loss) * (n - (1 if s.labels[0] != IGNORE else 0))
+            count += n
+    torch.testing.assert_close(float(ours), total / count, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="without any answer"):
+        answer_loss(a.model, {**collate(samples, a, pad), "labels": torch.full((2, 3), IGNORE)})
 
 
 def test_batches_are_a_function_of_the_step() -> None:
@@ -106,6 +131,42 @@ def test_align_resume_after_kill_matches_uninterrupted(tmp_path: Path, data: Pat
     assert any("zero_shot_acc" in r.get("eval", {}) for r in log)
     with pytest.raises(Exception, match="not empty"):
         run_recipe(recipe, progress=False)
+
+
+def test_align_label_term_separates_the_labels() -> None:
+    """The label term alone (captions identical, so the CLIP term is constant) teaches the tower the labels."""
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.train.align import AlignModel
+
+    torch.manual_seed(0)
+    tower = GeoHybridVisionModel(GeoHybridVisionConfig(**{k: v for k, v in VISION.items() if k != "model_type"}))
+    model = AlignModel(tower, temperature=0.07)
+    n, c = tower.config.num_patches, tower.config.stem_channels
+    labels = torch.tensor([0, 1] * 4)
+    centers = torch.randn(2, 1, c)
+    feats = centers[labels] + 0.3 * torch.randn(8, n, c)  # stem features of two kinds of scene
+    label_emb = torch.nn.functional.normalize(torch.randn(2, 384), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(1, 384), dim=-1).expand(8, -1)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = float(model(feats, text, labels, label_emb, 1.0))
+    assert first > float(model(feats, text))  # the term is added
+    for _ in range(60):
+        loss = model(feats, text, labels, label_emb, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert ((model.embed(feats) @ label_emb.T).argmax(1) == labels).all()
+        assert float(model(feats, text, labels, label_emb, 1.0)) < first - 0.5
+
+
+def test_align_recipe_with_labels_runs_and_validates(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    final = run_recipe(load_recipe(_recipe(tmp_path, data, tiny_llm_dir, _align(data, steps=2, label_weight=0.5))),
+                       progress=False, use_accelerate=False)
+    assert (final / "vision" / "model.safetensors").is_file()
+    with pytest.raises(Exception, match="label_weight"):
+        load_recipe(_recipe(tmp_path / "bad", data, tiny_llm_dir, _align(data, label_weight=-1)))
 
 
 def test_all_stages_give_an_assistant_that_chats(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:

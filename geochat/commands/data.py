@@ -23,6 +23,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-facts", action="store_true", help="leave out the image-facts block the engine adds")
     p.add_argument("--kinds", help="comma-separated sample kinds to write (default: all): "
                    "brief,detail,options,class,yesno,refer,grounding,identify")
+    p.add_argument("--tile-stride", type=float,
+                   help="DOTA/SpaceNet tile step as a fraction of the tile (default 0.75 / 1.0; 0.25 = 16x the tiles)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
             raise GeoChatError(f"not found: {path}")
     try:
         kinds = {"kinds": tuple(k.strip() for k in args.kinds.split(",") if k.strip())} if args.kinds else {}
-        opts = BuildOptions(split=args.split, limit=args.limit, facts=not args.no_facts, seed=args.seed, **kinds)
+        opts = BuildOptions(split=args.split, limit=args.limit, facts=not args.no_facts, seed=args.seed,
+                            tile_stride=args.tile_stride, **kinds)
     except ValueError as exc:
         raise GeoChatError(str(exc)) from exc
     counts = build_instruct(args.out, args.rsicd, args.dota, tuple(args.spacenet) if args.spacenet else None, opts)

@@ -33,7 +33,7 @@ from geochat.data.dota import load_dota
 from geochat.data.rsicd import RsicdItem, clean_caption, load_rsicd
 from geochat.data.spacenet import load_footprints
 from geochat.grounding import Box, format_grounded, pixel_box_to_grid
-from geochat.prompting import Task, build_user_message
+from geochat.prompting import Task, build_user_message, prompt_facts
 
 IMAGE_PLACEHOLDER = "<image>"
 DETAILED_PROMPT = "Describe the image in detail."
@@ -77,10 +77,13 @@ class BuildOptions:
     facts: bool = True               # add the image-facts block, as the engine does at inference
     seed: int = 0
     kinds: tuple[str, ...] = KINDS   # which kinds of sample to write
+    tile_stride: float | None = None  # DOTA/SpaceNet tile step as a fraction of the tile (default 0.75 / 1.0)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
+        if self.tile_stride is not None and not 0.05 <= self.tile_stride <= 1:
+            raise ValueError("tile_stride must be in [0.05, 1] (a fraction of the tile size)")
         unknown = sorted(set(self.kinds) - set(KINDS))
         if unknown or not self.kinds:
             raise ValueError(f"unknown sample kinds {unknown}; choose from {', '.join(KINDS)}")
@@ -96,7 +99,7 @@ def _facts(path: Path, use: bool) -> dict[str, Any] | None:
         return None
     from geochat.imagery import load_image
 
-    return load_image(path).facts
+    return prompt_facts(load_image(path).facts)  # exactly the lines the engine puts in the prompt
 
 
 def sample(sid: str, image: Path, out_dir: Path, human: str, gpt: str) -> dict[str, Any]:
@@ -224,8 +227,9 @@ def dota_samples(directory: Path, out_dir: Path, opts: BuildOptions) -> Iterator
         with Image.open(scene.image) as im:
             rgb = np.asarray(im.convert("RGB"))
         h, w = rgb.shape[:2]
-        for row in _positions(h, DOTA_TILE, DOTA_STRIDE):
-            for col in _positions(w, DOTA_TILE, DOTA_STRIDE):
+        stride = round(DOTA_TILE * opts.tile_stride) if opts.tile_stride else DOTA_STRIDE
+        for row in _positions(h, DOTA_TILE, stride):
+            for col in _positions(w, DOTA_TILE, stride):
                 inside = [o for o in scene.objects if o.inside(col, row, DOTA_TILE)]
                 if not inside:
                     continue
@@ -254,8 +258,9 @@ def spacenet_samples(raster: Path, geojson: Path, out_dir: Path, opts: BuildOpti
     tiles_dir = out_dir / "tiles"
     tiles_dir.mkdir(parents=True, exist_ok=True)
     h, w = rgb.shape[:2]
-    for row in range(0, h - SPACENET_TILE + 1, SPACENET_TILE):
-        for col in range(0, w - SPACENET_TILE + 1, SPACENET_TILE):
+    stride = round(SPACENET_TILE * opts.tile_stride) if opts.tile_stride else SPACENET_TILE
+    for row in _positions(h, SPACENET_TILE, stride):
+        for col in _positions(w, SPACENET_TILE, stride):
             inside = [f for f in footprints
                       if all(col <= x < col + SPACENET_TILE and row <= y < row + SPACENET_TILE for x, y in f.polygon)]
             if not inside:

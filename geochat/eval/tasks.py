@@ -40,6 +40,7 @@ TASKS = ("classify", "retrieve", "caption", "vqa", "ground")
 CAPTION_MAX_NEW_TOKENS = 48
 ANSWER_MAX_NEW_TOKENS = 32
 GROUND_MAX_NEW_TOKENS = 64
+EVAL_BATCH = 16  # images per batched generation
 
 
 @dataclass
@@ -74,6 +75,29 @@ def _rgb(row: Row) -> np.ndarray:
     return load_image(row.image).rgb
 
 
+def _image(row: Row) -> Path:
+    if not row.image.is_file():
+        raise GeoChatError(f"line {row.line}: image not found: {row.image}")
+    return row.image
+
+
+def _answers(chat: Any, rows: Sequence[Row], message: str | Sequence[str], desc: str, progress: bool,
+             max_new_tokens: int, **kwargs: Any) -> list[str]:
+    """The assistant's answers for `rows`, EVAL_BATCH images per batched generation (`GeoChat.chat_batch`).
+
+    Images go in as files, so the facts block is the one the assistant saw in training and sees in use.
+    """
+    messages = [message] * len(rows) if isinstance(message, str) else list(message)
+    out: list[str] = []
+    with tqdm(total=len(rows), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(rows), EVAL_BATCH):
+            batch = rows[start : start + EVAL_BATCH]
+            out += chat.chat_batch([_image(r) for r in batch], messages[start : start + EVAL_BATCH],
+                                   max_new_tokens=max_new_tokens, **kwargs)
+            bar.update(len(batch))
+    return out
+
+
 def match_label(answer: str, labels: Sequence[str]) -> str:
     """The label a free-text answer names: exact, then contained, then closest spelling."""
     norm = {label: normalize_answer(label.replace("_", " ")) for label in labels}
@@ -96,12 +120,8 @@ def classify_dual(rows: Sequence[Row], labels: Sequence[str], dual: Any, progres
 
 
 def classify_vlm(rows: Sequence[Row], labels: Sequence[str], chat: Any, progress: bool = True) -> EvalResult:
-    predicted, raw = [], []
-    for r in tqdm(rows, desc="classify", disable=not progress):
-        answer = chat.chat(_rgb(r), "", task="classify", labels=list(labels), max_new_tokens=ANSWER_MAX_NEW_TOKENS)
-        raw.append(answer.answer)
-        predicted.append(match_label(answer.answer, labels))
-    return _classification_result(rows, labels, predicted, raw)
+    raw = _answers(chat, rows, "", "classify", progress, ANSWER_MAX_NEW_TOKENS, task="classify", labels=list(labels))
+    return _classification_result(rows, labels, [match_label(a, labels) for a in raw], raw)
 
 
 def _classification_result(rows: Sequence[Row], labels: Sequence[str], predicted: list[str],
@@ -126,9 +146,7 @@ def retrieve(rows: Sequence[Row], dual: Any, progress: bool = True) -> EvalResul
 
 
 def caption(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
-    candidates = []
-    for r in tqdm(rows, desc="caption", disable=not progress):
-        candidates.append(chat.chat(_rgb(r), "", task="caption", max_new_tokens=CAPTION_MAX_NEW_TOKENS).answer)
+    candidates = _answers(chat, rows, "", "caption", progress, CAPTION_MAX_NEW_TOKENS, task="caption")
     scores = caption_scores(candidates, [list(r.captions) for r in rows])
     preds = [{"image": str(r.image), "caption": c, "reference": r.captions[0]} for r, c in zip(rows, candidates, strict=False)]
     return EvalResult({"task": "caption", "n": len(rows), **scores}, preds)
@@ -136,9 +154,9 @@ def caption(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult
 
 def vqa(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
     hits, types, preds = [], [], []
-    for r in tqdm(rows, desc="vqa", disable=not progress):
+    answers = _answers(chat, rows, [str(r.question) for r in rows], "vqa", progress, ANSWER_MAX_NEW_TOKENS)
+    for r, answer in zip(rows, answers, strict=True):
         assert r.question is not None and r.answer is not None
-        answer = chat.chat(_rgb(r), r.question, max_new_tokens=ANSWER_MAX_NEW_TOKENS).answer
         hits.append(vqa_match(answer, r.answer))
         types.append(r.type or question_type(r.question, r.answer))
         preds.append({"image": str(r.image), "question": r.question, "answer": r.answer, "predicted": answer})

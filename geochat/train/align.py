@@ -3,11 +3,16 @@
     cached stem features (B, N, C) ─► tower blocks + head ─► normalise ─► image z (B, D)
     cached MiniLM caption embeddings, one random caption per image ─► text t (B, D)
     logits = exp(s) · z tᵀ ;  loss = (CE(logits, diag) + CE(logitsᵀ, diag)) / 2
+    with `label_weight` w > 0:  loss += w · CE(exp(s) · z Lᵀ, label)   (L: the label-prompt embeddings)
 
 The text side is frozen (it is what retrieval and documentation use), so only the image side moves
 into its space; `s` is CLIP's learnable log inverse temperature (clamped at log 100). Both frozen
 encoders' outputs are cached on disk (`geochat.train.features`), so an epoch runs only the
 tower's blocks and head: seconds per thousand images on a CPU.
+
+The label term is the zero-shot classifier itself (the same prompt ensemble the evaluation uses) as
+a supervised objective on the training split's labels; captions stay the main signal, so the space
+keeps serving free text and labels never seen in training.
 
 Validation (periodic eval) on a subset of `val_split`: zero-shot accuracy against label prompts and
 text→image Recall@1/@10, the numbers the evaluation CLI reports on test.
@@ -28,7 +33,7 @@ from torch.nn import functional as F
 from geochat.eval.metrics import retrieval_recalls
 from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
 from geochat.paths import cache_root
-from geochat.train.dual_encoder import LABEL_PROMPTS, TextEncoder, label_text, save_tower
+from geochat.train.dual_encoder import TextEncoder, label_embeddings, save_tower
 from geochat.train.features import cache_stem_features, cache_text_embeddings
 from geochat.train.loop import Trainer
 from geochat.train.recipe import AlignConfig, Recipe
@@ -47,12 +52,17 @@ class AlignModel(nn.Module):
     def embed(self, stem_features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.tower(stem_features=stem_features).pooler_output, dim=-1)  # (B, D)
 
-    def forward(self, stem_features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """The CLIP loss of a batch (a forward, so that data-parallel wrappers see the call)."""
+    def forward(self, stem_features: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
+                label_emb: torch.Tensor | None = None, label_weight: float = 0.0) -> torch.Tensor:
+        """The loss of a batch (a forward, so that data-parallel wrappers see the call)."""
         z = self.embed(stem_features)
-        logits = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp() * z @ text.T  # (B, B)
+        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        logits = scale * z @ text.T  # (B, B)
         target = torch.arange(len(z))
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        if label_weight and labels is not None and label_emb is not None:
+            loss = loss + label_weight * F.cross_entropy(scale * z @ label_emb.T, labels, ignore_index=-1)
+        return loss
 
 
 def _rows(path: Path, split: str | None) -> list[dict]:
@@ -95,6 +105,15 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
     stem = cache_stem_features(tower, images, cache_dir, mean, std, progress)  # (n, N, C) float16
     spans = [(int(starts[i]), int(starts[i + 1])) for i in picked]
 
+    label_names = sorted({str(r["label"]) for r in train_rows if r.get("label")})
+    label_emb = label_idx = None
+    if cfg.label_weight:
+        if len(label_names) < 2:
+            raise ValueError(f"{ann}: label_weight needs at least 2 labels in split {cfg.split!r}")
+        label_emb = torch.from_numpy(label_embeddings(text_encoder, label_names))
+        index = {name: k for k, name in enumerate(label_names)}
+        label_idx = np.array([index.get(str(train_rows[i].get("label")), -1) for i in picked])
+
     model = AlignModel(tower, cfg.temperature)
     trainer = Trainer("align", model, cfg.optim, recipe.run, directory, accelerator)
     if resume:
@@ -110,7 +129,8 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         keep = trainer.shard(list(range(len(idx))))
         idx, cap = [idx[k] for k in keep], [cap[k] for k in keep]
         feats = torch.from_numpy(np.asarray(stem[idx], dtype=np.float32))
-        return trainer.module(feats, torch.from_numpy(text_all[cap]))
+        labels = torch.from_numpy(label_idx[idx]) if label_idx is not None else None
+        return trainer.module(feats, torch.from_numpy(text_all[cap]), labels, label_emb, cfg.label_weight)
 
     eval_fn = None
     if cfg.val_split:
@@ -136,9 +156,7 @@ def _val_fn(model: AlignModel, ann: Path, cfg: AlignConfig, tower: GeoHybridVisi
     labels = sorted({r["label"] for r in rows if r.get("label")})
     label_emb = None
     if len(labels) > 1:
-        prompts = [p.format(label_text(x)) for x in labels for p in LABEL_PROMPTS]
-        e = text.encode(prompts).reshape(len(labels), len(LABEL_PROMPTS), -1).mean(1)
-        label_emb = e / np.linalg.norm(e, axis=1, keepdims=True)
+        label_emb = label_embeddings(text, labels)
 
     def eval_fn() -> dict[str, float]:
         z = model.embed(stem).numpy()

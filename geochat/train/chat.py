@@ -121,14 +121,16 @@ def load_conversations(path: Path, cfg: ChatStageConfig, assistant: Assistant, s
 
 
 def collate(samples: list[Encoded], assistant: Assistant, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded batch (answers end every row, so logits are needed only for the tail; see `answer_loss`)."""
     width = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(samples), width), dtype=torch.long)
     for i, s in enumerate(samples):
         n = len(s.input_ids)
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
-    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        ids[i, width - n :], labels[i, width - n :], mask[i, width - n :] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)  # padding on the left must not shift real positions
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions}
     with_image = [s.image is not None for s in samples]
     if any(with_image) and not all(with_image):
         raise ValueError("a batch mixes samples with and without images")
@@ -137,6 +139,24 @@ def collate(samples: list[Encoded], assistant: Assistant, pad_id: int) -> dict[s
         batch["pixel_values"] = torch.cat([to_pixel_values(read_rgb(s.image), assistant.image_size, cfg.image_mean,
                                                            cfg.image_std) for s in samples if s.image is not None])
     return batch
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token loss on the labelled tokens, computing logits only from the first labelled position on.
+
+    The LM head (vocabulary × hidden) over every prompt position is a fifth of a small model's
+    compute; with left padding the answers sit at the end of every row, so `logits_to_keep` skips it.
+    """
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    labelled = (labels != IGNORE).any(0).nonzero()
+    if len(labelled) == 0:
+        raise ValueError("a batch without any answer token")
+    keep = labels.shape[1] - int(labelled[0]) + 1  # the logit before the first answer token predicts it
+    logits = model(**batch, logits_to_keep=keep).logits[:, :-1].float()
+    target = labels[:, labels.shape[1] - keep + 1 :]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=IGNORE)
 
 
 def _parts(assistant: Assistant) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -157,6 +177,10 @@ def init_from(assistant: Assistant, previous: Path | None) -> None:
             raise GeoChatError(f"{vision} does not fit the recipe's tower: {result.unexpected_keys[:5]}")
     if (previous / PROJECTOR_FILE).is_file():
         projector.load_state_dict(load_file(str(previous / PROJECTOR_FILE)))
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    return next(model.parameters()).device.type
 
 
 def set_trainable(assistant: Assistant, stage: str, cfg: ChatStageConfig) -> None:
@@ -186,9 +210,11 @@ def run_chat_stage(recipe: Recipe, stage: str, cfg: ChatStageConfig, directory: 
     if resume:
         trainer.load_checkpoint()
 
+    device_type, bf16 = _device_type(model), recipe.run.autocast == "bf16"
+
     def forward(samples: list[Encoded]) -> torch.Tensor:
-        out = trainer.module(**collate(samples, assistant, pad_id))
-        loss = out.loss
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            loss = answer_loss(trainer.module, collate(samples, assistant, pad_id))
         if moe_weight:
             aux = collect_aux_loss(model)
             if aux is not None:

@@ -121,7 +121,11 @@ class DualEncoder:
         return self.text.encode(texts)
 
     def embed_labels(self, labels: Sequence[str]) -> np.ndarray:
-        """(L, D) unit vectors: the mean embedding of each label's prompts, renormalised."""
-        prompts = [p.format(label_text(label)) for label in labels for p in LABEL_PROMPTS]
-        emb = self.text.encode(prompts).reshape(len(labels), len(LABEL_PROMPTS), -1).mean(1)
-        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+        return label_embeddings(self.text, labels)
+
+
+def label_embeddings(text: TextEncoder, labels: Sequence[str]) -> np.ndarray:
+    """(L, D) unit vectors: the mean embedding of each label's prompts, renormalised."""
+    prompts = [p.format(label_text(label)) for label in labels for p in LABEL_PROMPTS]
+    emb = text.encode(prompts).reshape(len(labels), len(LABEL_PROMPTS), -1).mean(1)
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True)

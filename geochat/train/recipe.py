@@ -56,11 +56,14 @@ class AlignConfig:
     val_split: str | None = "val"
     val_max: int = 200
     temperature: float = 0.07         # initial; learnable (CLIP)
+    label_weight: float = 0.0         # weight of a supervised term: image ↔ its label's prompts (needs labels)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
         if self.max_images is not None and self.max_images < 2:
             raise ValueError("align.max_images must be >= 2")
+        if self.label_weight < 0:
+            raise ValueError("align.label_weight must be >= 0")
         if not 0 < self.temperature < 1:
             raise ValueError("align.temperature must be in (0, 1)")
 
@@ -90,8 +93,11 @@ class RunConfig:
     eval_every: int = 50
     save_every: int = 50
     cache_dir: str | None = None      # feature caches (default: <cache root>/align)
+    autocast: Literal["bf16"] | None = None  # bf16 autocast of chat stages (2.4x faster on AVX512-BF16 CPUs)
 
     def __post_init__(self) -> None:
+        if self.autocast not in (None, "bf16"):
+            raise ValueError("run.autocast must be bf16 or null")
         if min(self.log_every, self.eval_every, self.save_every) < 1:
             raise ValueError("run.log_every, eval_every and save_every must be >= 1")
 
