@@ -50,6 +50,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/chat_latency.py
+	$(PY) benchmarks/batch_generation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

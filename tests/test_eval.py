@@ -225,3 +225,25 @@ def test_real_rsicd_test_split_reads(shared_data: Path) -> None:
     rows = read_annotations(shared_data / "rsicd" / "annotations.jsonl", "test")
     assert len(rows) == 1094 and len({r.label for r in rows}) == 31
     assert all(len(r.captions) == 5 and r.image.is_file() for r in rows[:20])
+
+
+def test_cli_sample_is_seeded_and_keeps_every_label(scenes: Path, tiny_tower_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from geochat.eval import tasks
+
+    seen: list[tuple[list[str], list[str]]] = []
+    real = tasks.classify_dual
+
+    def recording(rows, labels, dual, progress=True):  # type: ignore[no-untyped-def]
+        seen.append(([str(r.image) for r in rows], list(labels)))
+        return real(rows, labels, dual, progress)
+
+    monkeypatch.setattr(tasks, "classify_dual", recording)
+    args = ["eval", "classify", "--annotations", str(scenes / "ann.jsonl"), "--model", str(tiny_tower_dir), "--json"]
+    for seed in ("1", "1", "2"):
+        assert _run_json(capsys, *args, "--sample", "2", "--seed", seed)["n"] == 2
+    assert seen[0] == seen[1] and len(set(seen[0][0])) == 2
+    assert _run_json(capsys, *args, "--limit", "1")["n"] == 1
+    every = sorted({r["label"] for r in map(json.loads, (scenes / "ann.jsonl").read_text().splitlines()) if r.get("label")})
+    assert all(labels == every for _, labels in seen)  # a subset of rows still chooses among all the file's labels
+    assert main([*args, "--sample", "0"]) == 2

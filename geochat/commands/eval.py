@@ -28,6 +28,9 @@ def register(subparsers: Any) -> None:
         p.add_argument("--model", help="assistant directory (default: the shipped default model)")
         p.add_argument("--split", help="only rows of this split (e.g. test)")
         p.add_argument("--limit", type=int, help="only the first N usable rows")
+        p.add_argument("--sample", type=int, metavar="N",
+                       help="only a seeded random N of the usable rows (files sorted by class need this, not --limit)")
+        p.add_argument("--seed", type=int, default=0, help="seed of --sample (default 0)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--report", type=Path, metavar="DIR", help="write a Markdown report (and figures) here")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -42,24 +45,31 @@ def run(args: argparse.Namespace) -> int:
     from geochat.eval import tasks
     from geochat.eval.annotations import read_annotations
 
-    if args.limit is not None and args.limit < 1:
-        raise GeoChatError("--limit must be >= 1")
+    for name in ("limit", "sample"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise GeoChatError(f"--{name} must be >= 1")
     task = args.eval_task
     all_rows = read_annotations(args.annotations, args.split)
     rows = tasks.rows_for(task, all_rows, args.limit)
+    if args.sample is not None and args.sample < len(rows):
+        import random
+
+        rows = [rows[i] for i in sorted(random.Random(args.seed).sample(range(len(rows)), args.sample))]
+    # zero-shot over the labels of the whole file (a --limit/--sample subset must not shrink the choice)
+    labelled = [r for r in read_annotations(args.annotations, None) if r.label] if task == "classify" else []
     progress = not (args.quiet or args.json)
     if task == "retrieve" or (task == "classify" and args.mode == "dual"):
         dual = tasks.load_dual(args.model)
         if task == "retrieve":
             result = tasks.retrieve(rows, dual, progress)
         else:
-            result = tasks.classify_dual(rows, tasks.labels_of(rows, args.labels), dual, progress)
+            result = tasks.classify_dual(rows, tasks.labels_of(labelled, args.labels), dual, progress)
     else:
         from geochat.engine import GeoChat
 
         chat = GeoChat.from_pretrained(args.model)
         if task == "classify":
-            result = tasks.classify_vlm(rows, tasks.labels_of(rows, args.labels), chat, progress)
+            result = tasks.classify_vlm(rows, tasks.labels_of(labelled, args.labels), chat, progress)
         else:
             result = {"caption": tasks.caption, "vqa": tasks.vqa, "ground": tasks.ground}[task](rows, chat, progress)
     if args.report:

@@ -130,7 +130,8 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         idx, cap = [idx[k] for k in keep], [cap[k] for k in keep]
         feats = torch.from_numpy(np.asarray(stem[idx], dtype=np.float32))
         labels = torch.from_numpy(label_idx[idx]) if label_idx is not None else None
-        return trainer.module(feats, torch.from_numpy(text_all[cap]), labels, label_emb, cfg.label_weight)
+        with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=recipe.run.autocast == "bf16"):
+            return trainer.module(feats, torch.from_numpy(text_all[cap]), labels, label_emb, cfg.label_weight)
 
     eval_fn = None
     if cfg.val_split:
