@@ -67,18 +67,16 @@ def rows_for(task: str, rows: Sequence[Row], limit: int | None) -> list[Row]:
     return kept
 
 
-def _rgb(row: Row) -> np.ndarray:
-    from geochat.imagery import load_image
-
-    if not row.image.is_file():
-        raise GeoChatError(f"line {row.line}: image not found: {row.image}")
-    return load_image(row.image).rgb
-
-
 def _image(row: Row) -> Path:
     if not row.image.is_file():
         raise GeoChatError(f"line {row.line}: image not found: {row.image}")
     return row.image
+
+
+def _rgb(row: Row) -> np.ndarray:
+    from geochat.imagery import load_image
+
+    return load_image(_image(row)).rgb
 
 
 def _answers(chat: Any, rows: Sequence[Row], message: str | Sequence[str], desc: str, progress: bool,
