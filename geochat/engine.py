@@ -272,7 +272,7 @@ class GeoChat:
                 raise GeoChatError(str(exc)) from exc
             prompts.append(prompt_ids(a, [], user, with_image=True))
         width = max(len(p) for p in prompts)
-        pad = a.tokenizer.pad_token_id if a.tokenizer.pad_token_id is not None else a.tokenizer.eos_token_id
+        pad = a.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         pixels = torch.cat([to_pixel_values(x.rgb, a.image_size, a.config.image_mean, a.config.image_std)
@@ -372,7 +372,7 @@ class GeoChat:
             do_sample=False,
             streamer=streamer,
             suppress_tokens=[a.image_token_id],
-            pad_token_id=a.tokenizer.pad_token_id if a.tokenizer.pad_token_id is not None else a.tokenizer.eos_token_id,
+            pad_token_id=a.pad_token_id,
             **kwargs,
         )
         sequence = out[0].tolist()

@@ -90,7 +90,7 @@ def test_answer_loss_equals_the_full_causal_lm_loss(tiny_llm_dir: Path, data: Pa
               {"from": "gpt", "value": "green farmland and a long river beside a road"}]]
     samples = [Encoded(data / "images" / "0.png", *encode_conversation(a, c)) for c in convs]
     assert len(samples[0].input_ids) != len(samples[1].input_ids)  # padding is exercised
-    pad = a.tokenizer.pad_token_id if a.tokenizer.pad_token_id is not None else a.tokenizer.eos_token_id
+    pad = a.pad_token_id
     a.model.eval()
     with torch.no_grad():
         ours = answer_loss(a.model, collate(samples, a, pad))

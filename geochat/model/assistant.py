@@ -74,6 +74,12 @@ class Assistant:
         return _llava(self.model)
 
     @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's padding id, or its end-of-turn id when it has none (SmolLM2)."""
+        tok = self.tokenizer
+        return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+    @property
     def vision_tower(self) -> nn.Module:
         return self.llava.model.vision_tower
 

@@ -202,8 +202,7 @@ def run_chat_stage(recipe: Recipe, stage: str, cfg: ChatStageConfig, directory: 
     init_from(assistant, previous)
     set_trainable(assistant, stage, cfg)
     train, val = load_conversations(recipe.path(cfg.conversations), cfg, assistant, seed)
-    tok = assistant.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = assistant.pad_token_id
     model = assistant.model
     moe_weight = recipe.model.moe.aux_loss_weight if (stage == "instruct" and recipe.model.moe) else 0.0
     trainer = Trainer(stage, model, cfg.optim, recipe.run, directory, accelerator)
