@@ -58,6 +58,14 @@ def test_readable_output(capsys: pytest.CaptureFixture[str], model_dir: Path, ge
     assert "projector untrained" in err
 
 
+def test_caption_needs_no_question(capsys: pytest.CaptureFixture[str], model_dir: Path, geotiffs: dict[str, Path]) -> None:
+    code, out, _ = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "--task", "caption", "--model", str(model_dir),
+                        "--max-new-tokens", "4", "--no-retrieval", "--json")
+    assert code == 0 and json.loads(out)["task"] == "caption"
+    code, _, err = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "--model", str(model_dir))
+    assert code == 2 and "pass an image and a question" in err  # a chat turn still needs one
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

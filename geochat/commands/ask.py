@@ -74,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
             raise GeoChatError("with --no-image pass only the question")
         image_path, question = None, args.inputs[0]
     else:
-        if len(args.inputs) != 2:
+        # caption, classify, grounding and identify have default prompts: the question is optional there
+        optional = args.task in (Task.CAPTION.value, Task.CLASSIFY.value, Task.GROUNDING.value, Task.IDENTIFY.value)
+        if not (len(args.inputs) == 2 or (optional and len(args.inputs) == 1)):
             raise GeoChatError('pass an image and a question: geochat ask IMAGE "question" (or --no-image "question")')
-        image_path, question = Path(args.inputs[0]), args.inputs[1]
+        image_path, question = Path(args.inputs[0]), (args.inputs[1] if len(args.inputs) == 2 else "")
         if not image_path.exists():
             raise GeoChatError(f"image not found: {image_path}")
 
