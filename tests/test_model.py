@@ -115,6 +115,29 @@ def test_moe_lora_starts_as_identity_and_balances() -> None:
         MoELoraSettings(num_experts=2, top_k=3)
 
 
+def test_moe_lora_equals_per_token_top_k_definition() -> None:
+    """y = W x + (alpha/r) Σ_{e∈topk} g_e B_e A_e x, token by token, with the same gradients."""
+    torch.manual_seed(0)
+    layer = MoELoraLinear(torch.nn.Linear(12, 10), MoELoraSettings(num_experts=4, top_k=2, r=3, alpha=6))
+    torch.nn.init.normal_(layer.expert_B)  # B starts at zero; make the experts matter
+    x = torch.randn(2, 7, 12)
+    fast = layer(x)
+    flat = x.reshape(-1, 12)
+    probs = torch.softmax(layer.router(flat), -1)
+    rows = []
+    for t in range(flat.shape[0]):
+        p, e = probs[t].topk(2)
+        g = p / p.sum()
+        rows.append(layer.base(flat[t]) + 2.0 * sum(
+            g[j] * (flat[t] @ layer.expert_A[e[j]] @ layer.expert_B[e[j]]) for j in range(2)))
+    slow = torch.stack(rows).reshape(2, 7, 10)
+    torch.testing.assert_close(fast, slow)
+    grads = [torch.autograd.grad(y.square().sum(), [layer.expert_A, layer.expert_B, layer.router.weight])
+             for y in (fast, slow)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_config_json_round_trip_and_errors(tmp_path: Path) -> None:
     cfg = tiny_config(Path("/nonexistent"), lora=True, moe=True)
     assert AssistantConfig.from_json(cfg.to_json()) == cfg

@@ -72,13 +72,14 @@ class MoELoraLinear(nn.Module):
         probs = F.softmax(self.router(flat.to(self.router.weight.dtype)).float(), dim=-1)  # (T, E)
         top_p, top_e = probs.topk(self.top_k, dim=-1)  # (T, k)
         gates = (top_p / top_p.sum(-1, keepdim=True)).to(dtype)
-        # Dense over experts is simplest and fast at these sizes: (T, E, r) then gather the chosen k.
-        low = torch.einsum("ti,eir->ter", flat.to(dtype), self.expert_A)
-        chosen_low = low.gather(1, top_e.unsqueeze(-1).expand(-1, -1, low.shape[-1]))  # (T, k, r)
-        chosen_B = self.expert_B[top_e]  # (T, k, r, out)
-        delta = torch.einsum("tkr,tkro,tk->to", chosen_low, chosen_B, gates) * self.scaling
+        # Every expert's low-rank code, zeroed by the gate where the router did not pick it, then one matmul
+        # for all experts: (T, E·r) @ (E·r, out). Equal to gathering each token's k experts, without the
+        # (T, k, r, out) copy of B that gathering makes (5x slower per training step on a CPU).
+        num_experts, rank = self.expert_A.shape[0], self.expert_A.shape[2]
+        dense_gates = torch.zeros_like(probs, dtype=dtype).scatter(1, top_e, gates)  # (T, E)
+        low = torch.einsum("ti,eir->ter", flat.to(dtype), self.expert_A) * dense_gates.unsqueeze(-1)
+        delta = low.reshape(-1, num_experts * rank) @ self.expert_B.reshape(num_experts * rank, -1) * self.scaling
         if self.training:
-            num_experts = probs.shape[-1]
             assigned = F.one_hot(top_e, num_experts).float().sum(1).mean(0) / self.top_k  # f_e
             self.aux_loss = num_experts * (assigned * probs.mean(0)).sum()
         return out + delta.reshape(*out.shape[:-1], -1).to(out.dtype)
