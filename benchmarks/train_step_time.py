@@ -1,8 +1,10 @@
 """Seconds per training step of each stage on the real shipped models (no data needed: random inputs).
 
 - align: the hybrid tower's blocks + head on cached stem features (B × 49 × 1280), CLIP loss;
-- pretrain / instruct: SmolLM2-135M-Instruct (+LoRA for instruct) on B sequences of L tokens with
-  the image tokens spliced in, loss on the last 32 tokens.
+- pretrain / instruct: SmolLM2-135M-Instruct (+LoRA r 16 on every linear layer for instruct) on B
+  sequences of L tokens with the image tokens spliced in, loss on the last 32 tokens;
+- instruct_moe: the MoE-LoRA ablation arm (`adapters/ablation-moe-lora.yaml`): LoRA on attention, 4 LoRA
+  experts (r 8, top-2) on the MLP projections.
 
 These numbers size a recipe's `max_steps` for a time budget.
 
@@ -38,6 +40,7 @@ def main() -> int:
     from geochat.model.assistant import build_assistant
     from geochat.model.config import LoraSettings, offline_default_config
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.model.moe_lora import MoELoraSettings
     from geochat.train.align import AlignModel
 
     results: dict[str, float] = {"threads": torch.get_num_threads()}
@@ -46,8 +49,15 @@ def main() -> int:
     feats, text = torch.randn(args.batch, 49, 1280), torch.nn.functional.normalize(torch.randn(args.batch, 384), dim=-1)
     results["align_s_per_step"] = _time(lambda: align(feats, text).backward(), args.repeats)
 
-    for stage, lora in (("pretrain", None), ("instruct", LoraSettings())):
-        a = build_assistant(offline_default_config().with_changes(lora=lora))
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    mlp = ("gate_proj", "up_proj", "down_proj")
+    arms = (  # instruct = geochat-mini's LoRA (r 16 on every linear layer); instruct_moe = the MoE-LoRA arm
+        ("pretrain", None, None),
+        ("instruct", LoraSettings(r=16, alpha=32, target_modules=attention + mlp), None),
+        ("instruct_moe", LoraSettings(r=16, alpha=32, target_modules=attention), MoELoraSettings(target_modules=mlp)),
+    )
+    for stage, lora, moe in arms:
+        a = build_assistant(offline_default_config().with_changes(lora=lora, moe=moe))
         if lora is None:  # pretrain: the projector learns, the LLM is frozen
             a.model.model.multi_modal_projector.requires_grad_(True)
         n = a.num_image_tokens
