@@ -161,6 +161,25 @@ def test_align_label_term_separates_the_labels() -> None:
         assert float(model(feats, text, labels, label_emb, 1.0)) < first - 0.5
 
 
+def test_image_embedding_is_the_same_for_every_quarter_turn() -> None:
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.train.dual_encoder import tower_embedding
+
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in TINY_VISION.items() if k != "model_type"}
+    tower = GeoHybridVisionModel(GeoHybridVisionConfig(**cfg)).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    turned = torch.rot90(pixels, 1, dims=(2, 3))
+    four = tower_embedding(tower, pixels)
+    np.testing.assert_allclose(four, tower_embedding(tower, turned), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(four, axis=1), 1.0, atol=1e-5)
+    one = tower_embedding(tower, pixels, rotations=1)  # a single view is what the tower alone gives
+    np.testing.assert_allclose(one, torch.nn.functional.normalize(tower(pixel_values=pixels).pooler_output, dim=-1).detach().numpy(), atol=1e-6)
+    assert not np.allclose(one, tower_embedding(tower, turned, rotations=1), atol=1e-3)
+    with pytest.raises(ValueError, match="rotations"):
+        tower_embedding(tower, pixels, rotations=3)
+
+
 def test_align_recipe_with_labels_runs_and_validates(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
     final = run_recipe(load_recipe(_recipe(tmp_path, data, tiny_llm_dir, _align(data, steps=2, label_weight=0.5))),
                        progress=False, use_accelerate=False)

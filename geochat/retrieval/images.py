@@ -136,12 +136,9 @@ class TowerEmbedder:
         return load_tower(self.directory)
 
     def embed_images(self, rgbs: Sequence[np.ndarray]) -> np.ndarray:
-        import torch
+        from geochat.train.dual_encoder import tower_embedding
 
-        size = self.tower.config.image_size
-        with torch.inference_mode():
-            pooled = self.tower(pixel_values=_pixels(rgbs, size)).pooler_output  # (B, 384)
-        return _unit(pooled.float().numpy())
+        return tower_embedding(self.tower, _pixels(rgbs, self.tower.config.image_size))  # (B, 384), unit
 
     def embed_text(self, text: str) -> np.ndarray:
         return self._text.embed_query(text)

@@ -6,6 +6,11 @@ linear head), trained contrastively by the align stage to land next to the image
 one space serves zero-shot scene classification (image vs label prompts), text→image and
 image→image search, and the image side of retrieval.
 
+Overhead images have no canonical "up", so an image's embedding is the mean of the tower's embeddings
+of its four 90° rotations (`ROTATIONS`; renormalised). On RSICD val that raised text→image R@10 from
+0.310 to 0.338 and zero-shot accuracy from 0.848 to 0.879 over one view (eight dihedral views: 0.337 /
+0.885), for four tower passes per image.
+
 A tower is stored as `vision/config.json` + `vision/model.safetensors` (the frozen ImageNet stem
 left out; it ships in its own package), the same layout an assistant directory uses, so both an
 align-stage output and a full assistant directory load here.
@@ -60,6 +65,19 @@ class TextEncoder:
         return np.asarray(emb, dtype=np.float32)
 
 
+ROTATIONS = 4
+
+
+@torch.no_grad()
+def tower_embedding(tower: GeoHybridVisionModel, pixels: torch.Tensor, rotations: int = ROTATIONS) -> np.ndarray:
+    """(B, 3, S, S) pixel values → (B, D) unit vectors: the mean over `rotations` quarter turns (1, 2 or 4)."""
+    if rotations not in (1, 2, 4):
+        raise ValueError(f"rotations must be 1, 2 or 4, got {rotations}")
+    step = 4 // rotations
+    views = [tower(pixel_values=torch.rot90(pixels, k * step, dims=(2, 3))).pooler_output for k in range(rotations)]
+    return F.normalize(torch.stack([F.normalize(v.float(), dim=-1) for v in views]).mean(0), dim=-1).numpy()
+
+
 def label_text(label: str) -> str:
     """Label as prose: `denseresidential` stays as written, `bare_land` → `bare land`."""
     return label.replace("_", " ").replace("-", " ")
@@ -98,7 +116,8 @@ class DualEncoder:
     """Image and text embeddings in one space; cosine similarity = dot product of the outputs."""
 
     def __init__(self, tower: GeoHybridVisionModel, text: TextEncoder,
-                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 rotations: int = ROTATIONS) -> None:
         if tower.config.projection_dim != text.dim:
             raise ModelLoadError(
                 f"the tower's head gives {tower.config.projection_dim}-d embeddings, the text encoder {text.dim}-d"
@@ -106,15 +125,15 @@ class DualEncoder:
         self.tower = tower.eval()
         self.text = text
         self.mean, self.std = tuple(mean), tuple(std)
+        self.rotations = rotations
 
-    @torch.no_grad()
     def embed_images(self, rgbs: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
-        """(h, w, 3) uint8 images → (n, D) unit vectors."""
+        """(h, w, 3) uint8 images → (n, D) unit vectors (`tower_embedding`: mean over rotations)."""
         size = self.tower.config.image_size
         out = []
         for start in range(0, len(rgbs), batch_size):
             pixels = torch.cat([to_pixel_values(x, size, self.mean, self.std) for x in rgbs[start : start + batch_size]])
-            out.append(F.normalize(self.tower(pixel_values=pixels).pooler_output, dim=-1).numpy())
+            out.append(tower_embedding(self.tower, pixels, self.rotations))
         return np.concatenate(out) if out else np.zeros((0, self.text.dim), np.float32)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
