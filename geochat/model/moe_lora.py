@@ -74,7 +74,7 @@ class MoELoraLinear(nn.Module):
         gates = (top_p / top_p.sum(-1, keepdim=True)).to(dtype)
         # Every expert's low-rank code, zeroed by the gate where the router did not pick it, then one matmul
         # for all experts: (T, E·r) @ (E·r, out). Equal to gathering each token's k experts, without the
-        # (T, k, r, out) copy of B that gathering makes (5x slower per training step on a CPU).
+        # (T, k, r, out) copy of B that gathering makes (3.6x slower: benchmarks/train_step_time.py).
         num_experts, rank = self.expert_A.shape[0], self.expert_A.shape[2]
         dense_gates = torch.zeros_like(probs, dtype=dtype).scatter(1, top_e, gates)  # (T, E)
         low = torch.einsum("ti,eir->ter", flat.to(dtype), self.expert_A) * dense_gates.unsqueeze(-1)
