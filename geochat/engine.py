@@ -192,6 +192,7 @@ class GeoChat:
 
         `region` is a pixel box (x1, y1, x2, y2[, θ]) in the original raster for `[identify]`;
         `history` holds earlier turns (`Answer.as_turn()`); `on_text` receives text as it streams.
+        With `task="classify"` and `labels` (and no `cot`), the answer is exactly one of the labels.
         """
         start = time.perf_counter()
         task = Task(task) if task is not None else Task.CHAT
@@ -217,7 +218,8 @@ class GeoChat:
             ids = self._prompt_ids(turns, user, with_image=loaded is not None)
             streamer = _TimedStreamer(self.assistant.tokenizer, on_text)
             gen_start = time.perf_counter()
-            raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer)
+            allowed = one_of(self.assistant, labels, len(ids)) if task is Task.CLASSIFY and labels and not cot else None
+            raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer, allowed)
         ttft = (streamer.first_token_at or time.perf_counter()) - gen_start + encode_s
         reasoning, final = split_reasoning(raw) if cot else (None, raw)
         boxes = parse_boxes(raw)
@@ -249,9 +251,9 @@ class GeoChat:
         one batched greedy generation.
 
         For evaluation and batch jobs: the same prompts as `chat` (facts block, task, options), no
-        history, sessions or retrieval; returns the answer texts (box grammar removed). Several
-        times faster than one `chat` per image on a CPU, since decoding a batch costs about as much
-        as decoding one sequence.
+        history, sessions or retrieval; returns the answer texts (box grammar removed; with `labels`,
+        classify answers are exactly one of them, as in `chat`). Several times faster than one `chat`
+        per image on a CPU, since decoding a batch costs about as much as decoding one sequence.
         """
         task = Task(task) if task is not None else Task.CHAT
         if task in TASK_TOKENS:
@@ -282,6 +284,7 @@ class GeoChat:
                 input_ids=ids, attention_mask=mask, pixel_values=pixels.to(a.model.dtype),
                 max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
                 suppress_tokens=[a.image_token_id], pad_token_id=pad,
+                prefix_allowed_tokens_fn=one_of(a, labels, width) if task is Task.CLASSIFY and labels else None,
             )
         texts = a.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [strip_grounding(str(t).strip()) for t in texts]
@@ -343,7 +346,8 @@ class GeoChat:
     def _prompt_ids(self, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
         return prompt_ids(self.assistant, turns, user, with_image)
 
-    def _generate(self, session: _Session, ids: list[int], max_new_tokens: int, streamer: _TimedStreamer) -> str:
+    def _generate(self, session: _Session, ids: list[int], max_new_tokens: int, streamer: _TimedStreamer,
+                  allowed: Callable[[int, torch.Tensor], list[int]] | None = None) -> str:
         a = self.assistant
         input_ids = torch.tensor([ids])
         image_end = (max(i for i, t in enumerate(ids) if t == a.image_token_id) + 1) if session.image_features.numel() else 0
@@ -373,6 +377,7 @@ class GeoChat:
             streamer=streamer,
             suppress_tokens=[a.image_token_id],
             pad_token_id=a.pad_token_id,
+            prefix_allowed_tokens_fn=allowed,
             **kwargs,
         )
         sequence = out[0].tolist()
@@ -418,6 +423,30 @@ def prompt_ids(a: Assistant, turns: Sequence[Turn], user: str, with_image: bool)
             f"prompt holds {ids.count(a.image_token_id)} image tokens, the tower gives {a.num_image_tokens}"
         )
     return ids
+
+
+def one_of(a: Assistant, options: Sequence[str], prompt_length: int) -> Callable[[int, torch.Tensor], list[int]]:
+    """A `prefix_allowed_tokens_fn` for `generate`: the answer is exactly one of `options`, then end.
+
+    Classification with a label list must name one of the labels; a free answer from a small model
+    may not (asked to pick among forest/farmland/river it said "park"). Decoding walks a trie of the
+    options' tokens, so greedy decoding picks the most likely option token by token.
+    """
+    sequences = [a.tokenizer.encode(option, add_special_tokens=False) for option in options]
+    eos = a.model.generation_config.eos_token_id
+    if eos is None:
+        eos = a.tokenizer.eos_token_id
+    ends = [eos] if isinstance(eos, int) else list(eos)
+
+    def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        done = input_ids[prompt_length:].tolist()
+        n = len(done)
+        nxt = {seq[n] for seq in sequences if len(seq) > n and seq[:n] == done}
+        if done in sequences or not nxt:
+            nxt.update(ends)
+        return sorted(nxt)
+
+    return allowed
 
 
 def _source_json(p: Passage) -> dict[str, Any]:

@@ -184,3 +184,27 @@ def test_chat_batch_equals_one_chat_per_image(gc: GeoChat, tmp_path: Path) -> No
     with pytest.raises(GeoChatError, match="refer"):
         gc.chat_batch(paths, "a ship", task="refer")
     assert gc.chat_batch([], "x") == []
+
+
+def test_classify_with_labels_answers_exactly_one_label(gc: GeoChat) -> None:
+    """The tiny random model answers anything; with a label list it can only name one of them."""
+    from geochat.engine import one_of
+
+    labels = ["forest", "harbor", "desert", "bare_land"]
+    free = gc.chat(_image(), "", task="classify", max_new_tokens=10).answer
+    assert free not in labels  # unconstrained, the random model writes something else
+    answer = gc.chat(_image(), "", task="classify", labels=labels, max_new_tokens=10).answer
+    assert answer in labels
+    assert all(a in labels for a in gc.chat_batch([_image(), _image()[::-1]], "", task="classify", labels=labels))
+
+    tok = gc.assistant.tokenizer
+    park, parking = tok.encode("park", add_special_tokens=False), tok.encode("parking", add_special_tokens=False)
+    allowed = one_of(gc.assistant, ["park", "parking"], prompt_length=2)
+    eos = gc.assistant.model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    assert set(allowed(0, torch.tensor([7, 8]))) == {park[0], parking[0]}  # the prompt (2 ids) is not the answer
+    after_park = set(allowed(0, torch.tensor([7, 8, *park])))
+    assert eos <= after_park  # "park" is complete: it may end there ...
+    if len(parking) > len(park) and parking[: len(park)] == park:
+        assert parking[len(park)] in after_park  # ... or go on to "parking"
+    assert set(allowed(0, torch.tensor([7, 8, *parking]))) == eos

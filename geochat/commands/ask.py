@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
     p.add_argument("--cot", action="store_true", help="chain-of-thought: reasoning returned apart from the answer")
     p.add_argument("--bands", type=_ints, help="1-based bands for the RGB view, e.g. 4,3,2")
     p.add_argument("--sensor", help="sensor preset for band roles: sentinel2, landsat8, naip, ...")
-    p.add_argument("--labels", help="comma-separated options for --task classify")
+    p.add_argument("--labels", help="comma-separated options for --task classify (the answer is always one of them)")
     p.add_argument("--model", default=None, help="assistant directory or name (default: the offline default)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-image", action="store_true", help="a text-only question")
