@@ -208,8 +208,8 @@ def _instruction(question: str, task: Task, region: Box | None, labels: Sequence
             options = ", ".join(_one_line(label) for label in labels)
             text = f"Classify the image into one of: {options}. Answer with one label."
             text = f"{q}\n{text}" if q else text
-        else:
-            text = q or CLASSIFY_PROMPT
+        else:  # the trained instruction always ends the turn, so a question of one's own still gets a label
+            text = f"{q}\n{CLASSIFY_PROMPT}" if q else CLASSIFY_PROMPT
     else:
         if not q:
             raise ValueError("a chat question must not be empty")

@@ -73,6 +73,11 @@ def test_classify_lists_labels():
     assert msg == "Classify the image into one of: airport, beach, forest. Answer with one label."
     without = build_user_message("", Task.CLASSIFY)
     assert "Answer with one label." in without and "airport" not in without
+    # a question of one's own keeps the trained instruction after it (else the model may caption instead)
+    asked = build_user_message("what scene is this?", Task.CLASSIFY)
+    assert asked.splitlines() == ["what scene is this?", without]
+    asked = build_user_message("which one?", Task.CLASSIFY, labels=["airport", "beach"])
+    assert asked.splitlines() == ["which one?", "Classify the image into one of: airport, beach. Answer with one label."]
 
 
 def test_chat_requires_question_and_adds_region():
