@@ -218,7 +218,7 @@ class GeoChat:
             ids = self._prompt_ids(turns, user, with_image=loaded is not None)
             streamer = _TimedStreamer(self.assistant.tokenizer, on_text)
             gen_start = time.perf_counter()
-            allowed = one_of(self.assistant, labels, len(ids)) if task is Task.CLASSIFY and labels and not cot else None
+            allowed = label_constraint(self.assistant, task, labels, len(ids), cot)
             raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer, allowed)
         ttft = (streamer.first_token_at or time.perf_counter()) - gen_start + encode_s
         reasoning, final = split_reasoning(raw) if cot else (None, raw)
@@ -284,7 +284,7 @@ class GeoChat:
                 input_ids=ids, attention_mask=mask, pixel_values=pixels.to(a.model.dtype),
                 max_new_tokens=max_new_tokens or self.max_new_tokens, do_sample=False,
                 suppress_tokens=[a.image_token_id], pad_token_id=pad,
-                prefix_allowed_tokens_fn=one_of(a, labels, width) if task is Task.CLASSIFY and labels else None,
+                prefix_allowed_tokens_fn=label_constraint(a, task, labels, width),
             )
         texts = a.tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         return [strip_grounding(str(t).strip()) for t in texts]
@@ -423,6 +423,12 @@ def prompt_ids(a: Assistant, turns: Sequence[Turn], user: str, with_image: bool)
             f"prompt holds {ids.count(a.image_token_id)} image tokens, the tower gives {a.num_image_tokens}"
         )
     return ids
+
+
+def label_constraint(a: Assistant, task: Task, labels: Sequence[str] | None, prompt_length: int,
+                     cot: bool = False) -> Callable[[int, torch.Tensor], list[int]] | None:
+    """`one_of(labels)` for a classification with labels; None otherwise (and when reasoning comes first)."""
+    return one_of(a, labels, prompt_length) if task is Task.CLASSIFY and labels and not cot else None
 
 
 def one_of(a: Assistant, options: Sequence[str], prompt_length: int) -> Callable[[int, torch.Tensor], list[int]]:

@@ -66,6 +66,8 @@ COT_INSTRUCTION = (
 GROUNDING_PROMPT = "describe the image in detail"
 CAPTION_PROMPT = "Write a short caption that describes the image."
 CLASSIFY_PROMPT = "Classify the scene shown in the image. Answer with one label."
+# Tasks whose instruction has a default, so the user's question may be empty (see `_instruction`)
+QUESTION_OPTIONAL = frozenset({"caption", "classify", "grounding", "identify"})
 IDENTIFY_PROMPT = "what is this"
 
 FACTS_BEGIN, FACTS_END = "<<<IMAGE FACTS>>>", "<<<END IMAGE FACTS>>>"

@@ -231,3 +231,16 @@ def test_prompt_facts_keep_what_the_model_needs():
                                            "vegetation_fraction": 0.5}}}
     assert prompt_facts(facts) == {"size": [64, 64], "crs": "EPSG:32633",
                                    "ndvi": {"mean": 0.4, "vegetation_fraction": 0.5}}
+
+
+def test_question_optional_names_exactly_the_tasks_with_a_default_instruction() -> None:
+    from geochat.grounding import Box
+    from geochat.prompting import QUESTION_OPTIONAL, build_user_message
+
+    for task in Task:
+        try:
+            build_user_message("", task=task, region=Box(1, 2, 30, 40))
+            ok = True
+        except ValueError:
+            ok = False
+        assert ok == (task.value in QUESTION_OPTIONAL), task

@@ -180,6 +180,90 @@ def test_image_embedding_is_the_same_for_every_quarter_turn() -> None:
         tower_embedding(tower, pixels, rotations=3)
 
 
+def test_trainable_stem_tail_computes_what_the_frozen_stem_does() -> None:
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+
+    torch.manual_seed(0)
+    small = {"image_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 64}
+    frozen = GeoHybridVisionModel(GeoHybridVisionConfig(**small))
+    frozen.load_stem_weights()
+    tail = GeoHybridVisionModel(GeoHybridVisionConfig(**small, trainable_stem_blocks=1))
+    tail.load_state_dict(frozen.state_dict())
+    pixels = torch.randn(2, 3, 64, 64)
+    assert tail.stem_features(pixels).shape == (2, 4, 192)  # the input of the last MBConv block
+    with torch.no_grad():
+        torch.testing.assert_close(tail.eval()(pixel_values=pixels).pooler_output,
+                                   frozen.eval()(pixel_values=pixels).pooler_output)
+    trained = {n.split(".")[1] for n, p in tail.named_parameters() if p.requires_grad and n.startswith("stem.")}
+    assert trained == {"_blocks", "_conv_head", "_bn1"}
+    assert all(n.startswith("stem._blocks.15.") for n, p in tail.named_parameters()
+               if p.requires_grad and n.startswith("stem._blocks"))
+    assert tail.is_saved_weight("stem._conv_head.weight") and not frozen.is_saved_weight("stem._conv_head.weight")
+    assert not tail.is_saved_weight("stem._blocks.14._project_conv.weight")
+    with pytest.raises(ValueError, match="trainable_stem_blocks"):
+        GeoHybridVisionConfig(trainable_stem_blocks=5)
+
+
+def test_stem_cache_of_a_rotation_is_the_stem_of_the_turned_image(tmp_path: Path, data: Path) -> None:
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.model.processor import to_pixel_values
+    from geochat.train.features import cache_stem_features, read_rgb
+
+    tower = GeoHybridVisionModel(GeoHybridVisionConfig(**{k: v for k, v in VISION.items() if k != "model_type"}))
+    images = sorted((data / "images").glob("*.png"))[:3]
+    mean = std = (0.5, 0.5, 0.5)
+    plain = cache_stem_features(tower, images, tmp_path, mean, std, progress=False)
+    turned = cache_stem_features(tower, images, tmp_path, mean, std, progress=False, rotation=1)
+    assert len(list(tmp_path.glob("stem-*.npy"))) == 2  # one file per rotation
+    pixels = torch.cat([to_pixel_values(read_rgb(p), 64, mean, std) for p in images])
+    expected = tower.stem_features(torch.rot90(pixels, 1, dims=(2, 3))).detach().numpy()
+    assert np.abs(np.asarray(turned, dtype=np.float32) - expected).max() < 1e-4  # float16 rounding only
+    assert np.abs(np.asarray(plain, dtype=np.float32) - expected).max() > 1e-3
+
+
+def test_lr_scales_multiply_the_schedule_per_parameter_group(tmp_path: Path) -> None:
+    from geochat.train.loop import Trainer
+    from geochat.train.recipe import OptimConfig, RunConfig
+
+    module = torch.nn.ModuleDict({"stem": torch.nn.Linear(2, 2), "head": torch.nn.Linear(2, 1)})
+    trainer = Trainer("t", module, OptimConfig(lr=0.1, max_steps=1), RunConfig(), tmp_path, lr_scales={"stem.": 0.25})
+    x = torch.randn(4, 2)
+    trainer.fit(lambda step: module["head"](module["stem"](x)).pow(2).mean(), progress=False)
+    lrs = {round(g["lr_scale"], 2): g["lr"] for g in trainer.optimizer.param_groups}
+    assert set(lrs) == {0.25, 1.0} and lrs[0.25] == pytest.approx(0.25 * lrs[1.0]) and lrs[1.0] > 0
+
+
+def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_path: Path, data: Path,
+                                                                          tiny_llm_dir: Path) -> None:
+    from geochat.eval.tasks import load_dual
+    from geochat.retrieval.images import TowerEmbedder
+
+    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
+    retrieval = {**_align(data, steps=2)["align"], "rotations": 4, "stem_lr_scale": 0.5,
+                 "vision": {"trainable_stem_blocks": 1}}
+    path = _recipe(tmp_path, data, tiny_llm_dir, {**_align(data, steps=2), "retrieval": retrieval})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["vision"] = vision
+    path.write_text(yaml.safe_dump(recipe))
+    final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
+
+    chat_tower = load_file(str(final / "vision" / "model.safetensors"))
+    search_tower = load_file(str(final / "retrieval" / "vision" / "model.safetensors"))
+    assert not any(k.startswith("stem.") for k in chat_tower)  # the chat stages' tower: stem frozen, not saved
+    from geochat.model.weights import efficientnet_lite0_safetensors
+
+    imagenet = load_file(str(efficientnet_lite0_safetensors()))
+    key = "_blocks.15._project_conv.weight"
+    assert not torch.allclose(search_tower[f"stem.{key}"], imagenet[key])  # the last block trained
+    assert len(list((tmp_path / "cache").glob("stem-*.npy"))) == 1 + 4 + 1 + 4  # train/val: 1 view, then 4
+    assert load_dual(str(final)).tower.config.trainable_stem_blocks == 1
+    assert TowerEmbedder(final).name.endswith("retrieval")
+    # the periodic validation of the retrieval stage reports the four-view metrics
+    log = [json.loads(line) for line in (tmp_path / "out" / "retrieval" / "log.jsonl").read_text().splitlines()]
+    assert any("t2i_R@10" in r.get("eval", {}) for r in log)
+
+
 def test_align_recipe_with_labels_runs_and_validates(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
     final = run_recipe(load_recipe(_recipe(tmp_path, data, tiny_llm_dir, _align(data, steps=2, label_weight=0.5))),
                        progress=False, use_accelerate=False)

@@ -10,7 +10,7 @@ from typing import Any
 
 from geochat.commands.index import add_store_arguments
 from geochat.errors import GeoChatError
-from geochat.prompting import Task
+from geochat.prompting import QUESTION_OPTIONAL, Task
 
 
 def register(sub: Any) -> None:
@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
             raise GeoChatError("with --no-image pass only the question")
         image_path, question = None, args.inputs[0]
     else:
-        # caption, classify, grounding and identify have default prompts: the question is optional there
-        optional = args.task in (Task.CAPTION.value, Task.CLASSIFY.value, Task.GROUNDING.value, Task.IDENTIFY.value)
+        optional = args.task in QUESTION_OPTIONAL
         if not (len(args.inputs) == 2 or (optional and len(args.inputs) == 1)):
             raise GeoChatError('pass an image and a question: geochat ask IMAGE "question" (or --no-image "question")')
         image_path, question = Path(args.inputs[0]), (args.inputs[1] if len(args.inputs) == 2 else "")

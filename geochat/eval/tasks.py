@@ -193,15 +193,15 @@ def labels_of(rows: Sequence[Row], given: str | None) -> list[str]:
 
 
 def load_dual(model: str | None) -> Any:
-    """The dual encoder of an assistant/align directory, or of the shipped default."""
+    """The dual encoder of an assistant/align directory (its search tower if it has one), or of the shipped default."""
     from geochat.engine import TRAINED_DEFAULT_DIR
     from geochat.model.config import CONFIG_FILE, AssistantConfig
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
-    from geochat.train.dual_encoder import DualEncoder, TextEncoder, load_tower
+    from geochat.train.dual_encoder import DualEncoder, TextEncoder, load_tower, search_tower_dir
 
     directory = Path(model) if model else TRAINED_DEFAULT_DIR
-    if (directory / "vision" / "model.safetensors").is_file():
-        tower = load_tower(directory)
+    if (search_tower_dir(directory) / "vision" / "model.safetensors").is_file():
+        tower = load_tower(search_tower_dir(directory))
     elif model:
         raise GeoChatError(f"'{model}' holds no trained vision tower (vision/model.safetensors)")
     else:

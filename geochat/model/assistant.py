@@ -312,7 +312,7 @@ def save_assistant(assistant: Assistant, directory: Path) -> Path:
     tower_state = {
         k: v.detach().contiguous()
         for k, v in tower.state_dict().items()
-        if not (isinstance(tower, hybrid_tower.GeoHybridVisionModel) and tower.stem_is_frozen and k.startswith("stem."))
+        if not isinstance(tower, hybrid_tower.GeoHybridVisionModel) or tower.is_saved_weight(k)
     }
     (directory / VISION_DIR).mkdir(exist_ok=True)
     tower.config.save_pretrained(directory / VISION_DIR)

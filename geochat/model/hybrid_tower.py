@@ -15,6 +15,11 @@ The model is a regular `PreTrainedModel` registered with `AutoConfig`/`AutoModel
 `LlavaConfig(vision_config=GeoHybridVisionConfig(...))` builds it through `AutoModel.from_config`
 and it saves/loads like any HF vision model. `stem="conv"` swaps the EfficientNet for a tiny
 randomly initialised conv stem so unit tests need no weights.
+
+`trainable_stem_blocks = k > 0` unfreezes the stem's last k MBConv blocks and its 1×1 conv head
+(all at 1/32 resolution, so k ≤ 4). `stem_features` then returns the frozen part's output, the
+input of those blocks ((B, N, 192) for Lite0), which is what the align stages cache; `forward`
+runs the trainable tail on it. BatchNorm statistics stay ImageNet's (the stem is always in eval mode).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 EFFICIENTNET_CHANNELS = 1280  # EfficientNet-Lite0 conv head output
 STEM_STRIDE = 32
+MAX_TRAINABLE_STEM_BLOCKS = 4  # EfficientNet-Lite0's blocks 12-15 run at 1/32 resolution
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (TF builder: mean 127, std 128).
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
@@ -48,6 +54,7 @@ class GeoHybridVisionConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-6
     projection_dim: int = 384
     dropout: float = 0.0
+    trainable_stem_blocks: int = 0
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.stem not in ("efficientnet-lite0", "conv"):
@@ -56,6 +63,11 @@ class GeoHybridVisionConfig(PreTrainedConfig):
             raise ValueError(f"image_size must be a multiple of {STEM_STRIDE}, got {self.image_size}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if not 0 <= self.trainable_stem_blocks <= MAX_TRAINABLE_STEM_BLOCKS:
+            raise ValueError(f"trainable_stem_blocks must be 0..{MAX_TRAINABLE_STEM_BLOCKS}, "
+                             f"got {self.trainable_stem_blocks}")
+        if self.trainable_stem_blocks and self.stem != "efficientnet-lite0":
+            raise ValueError("trainable_stem_blocks applies to the efficientnet-lite0 stem only")
         super().__post_init__(**kwargs)
 
     @property
@@ -92,6 +104,8 @@ class GeoHybridVisionModel(PreTrainedModel):
 
             self.stem: nn.Module = EfficientNet.from_name("efficientnet-lite0", in_channels=config.num_channels)
             self.stem.requires_grad_(False)
+            for module in self._stem_tail_modules():
+                module.requires_grad_(True)
         else:
             self.stem = _conv_stem(config.conv_stem_channels, config.num_channels)
         self.patch_embed = nn.Linear(config.stem_channels, config.hidden_size)
@@ -112,10 +126,29 @@ class GeoHybridVisionModel(PreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.head = nn.Linear(config.hidden_size, config.projection_dim)
         self.post_init()
+        if self.stem_is_frozen:  # ImageNet BatchNorm statistics, even before the first .train()/.eval()
+            self.stem.eval()
 
     @property
     def stem_is_frozen(self) -> bool:
+        """The stem is ImageNet's EfficientNet (its frozen weights are loaded, not trained or saved)."""
         return self.config.stem == "efficientnet-lite0"
+
+    def _stem_tail_modules(self) -> list[nn.Module]:
+        k = self.config.trainable_stem_blocks
+        if not k:
+            return []
+        stem: Any = self.stem
+        return [*stem._blocks[-k:], stem._conv_head, stem._bn1]
+
+    def is_saved_weight(self, key: str) -> bool:
+        """Whether a state-dict key is trained here (saved), not one of the frozen shipped stem's."""
+        if not (self.stem_is_frozen and key.startswith("stem.")):
+            return True
+        k = self.config.trainable_stem_blocks
+        stem: Any = self.stem
+        tail = [f"stem._blocks.{i}." for i in range(len(stem._blocks) - k, len(stem._blocks))] if k else []
+        return bool(k) and key.startswith((*tail, "stem._conv_head.", "stem._bn1."))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -154,11 +187,29 @@ class GeoHybridVisionModel(PreTrainedModel):
             raise ValueError(
                 f"the vision tower expects {self.config.num_channels} channels, got {pixel_values.shape[1]}"
             )
-        if self.stem_is_frozen:
+        if not self.stem_is_frozen:
+            fmap = self.stem(pixel_values)
+        elif not self.config.trainable_stem_blocks:
             with torch.no_grad():
                 fmap = self.stem.extract_features(pixel_values)  # type: ignore[operator]
         else:
-            fmap = self.stem(pixel_values)
+            stem: Any = self.stem
+            with torch.no_grad():
+                fmap = stem._swish(stem._bn0(stem._conv_stem(pixel_values)))
+                for block in stem._blocks[: -self.config.trainable_stem_blocks]:
+                    fmap = block(fmap)
+        return fmap.flatten(2).transpose(1, 2)
+
+    def stem_tail(self, features: torch.Tensor) -> torch.Tensor:
+        """The trainable end of the stem on `stem_features`' output: (B, N, c) → (B, N, C)."""
+        if not self.config.trainable_stem_blocks:
+            return features
+        stem: Any = self.stem
+        side = self.config.image_size // STEM_STRIDE
+        fmap = features.transpose(1, 2).reshape(len(features), -1, side, side).to(stem._conv_head.weight.dtype)
+        for block in stem._blocks[-self.config.trainable_stem_blocks :]:
+            fmap = block(fmap)
+        fmap = stem._swish(stem._bn1(stem._conv_head(fmap)))
         return fmap.flatten(2).transpose(1, 2)
 
     def forward(
@@ -179,6 +230,7 @@ class GeoHybridVisionModel(PreTrainedModel):
                 f"expected {self.config.num_patches} patches ({self.config.image_size}px input), "
                 f"got {stem_features.shape[1]}"
             )
+        stem_features = self.stem_tail(stem_features)
         dtype = self.patch_embed.weight.dtype
         hidden = self.patch_embed(stem_features.to(dtype)) + self.position_embedding  # (B, N, D)
         states = [hidden]

@@ -111,14 +111,17 @@ class TowerEmbedder:
     """A trained dual-encoder tower: `pooler_output` (B, 384), aligned with MiniLM's text space.
 
     `directory` holds `vision/` as the align stage writes it (an align output or an assistant
-    directory); `geochat.train.dual_encoder.load_tower` reads it and adds the shipped stem.
+    directory); `geochat.train.dual_encoder.load_tower` reads it and adds the shipped stem. An
+    assistant directory with a search tower (`retrieval/vision/`, the recipe's retrieval stage) uses that one.
     """
 
     has_text_side = True
 
     def __init__(self, directory: Path) -> None:
         from geochat.model.hybrid_tower import GeoHybridVisionConfig
+        from geochat.train.dual_encoder import search_tower_dir
 
+        directory = search_tower_dir(directory)
         vision = directory / "vision"
         if not (vision / "config.json").is_file():
             raise GeoChatError(f"no trained vision tower in {directory} ({vision}/config.json missing)")

@@ -23,20 +23,22 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
 from geochat.eval.metrics import retrieval_recalls
 from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
 from geochat.paths import cache_root
-from geochat.train.dual_encoder import TextEncoder, label_embeddings, save_tower
+from geochat.train.dual_encoder import VISION_DIR, TextEncoder, label_embeddings, save_tower
 from geochat.train.features import cache_stem_features, cache_text_embeddings
 from geochat.train.loop import Trainer
-from geochat.train.recipe import AlignConfig, Recipe
+from geochat.train.recipe import AlignConfig, Recipe, RetrievalConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -75,21 +77,33 @@ def subset(n: int, k: int | None, seed: int) -> list[int]:
     return list(range(n)) if k is None or k >= n else sorted(random.Random(seed).sample(range(n), k))
 
 
-def build_tower(recipe: Recipe) -> GeoHybridVisionModel:
-    kwargs = {k: v for k, v in recipe.model.vision.items() if k != "model_type"}
+def build_tower(recipe: Recipe, overrides: dict | None = None, start: Path | None = None) -> GeoHybridVisionModel:
+    """The recipe's tower (`model.vision` + `overrides`), from `start`'s trained weights if given."""
+    kwargs = {k: v for k, v in {**recipe.model.vision, **(overrides or {})}.items() if k != "model_type"}
     torch.manual_seed(recipe.run.seed)
     tower = GeoHybridVisionModel(GeoHybridVisionConfig(**kwargs))
     tower.load_stem_weights()
+    if start is not None:
+        result = tower.load_state_dict(load_file(str(start / VISION_DIR / "model.safetensors")), strict=False)
+        if result.unexpected_keys:
+            raise ValueError(f"the tower in {start} does not fit: unexpected {result.unexpected_keys[:5]}")
     return tower
 
 
+def quarter_turns(rotations: int) -> list[int]:
+    """The quarter turns of `rotations` evenly spaced views (1 → [0], 2 → [0, 2], 4 → [0, 1, 2, 3])."""
+    return [k * (4 // rotations) for k in range(rotations)]
+
+
 def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: object | None = None,
-              resume: bool = False, progress: bool = True, stop_after: int | None = None) -> GeoHybridVisionModel:
+              resume: bool = False, progress: bool = True, stop_after: int | None = None,
+              start: Path | None = None) -> GeoHybridVisionModel:
+    """Train the tower contrastively (the align stage, or the retrieval stage from `start`'s tower)."""
     ann = recipe.path(cfg.annotations)
     seed = recipe.run.seed
     cache_dir = recipe.path(recipe.run.cache_dir) if recipe.run.cache_dir else cache_root() / "align"
     mean, std = recipe.assistant_config("align").image_mean, recipe.assistant_config("align").image_std
-    tower = build_tower(recipe)
+    tower = build_tower(recipe, getattr(cfg, "vision", None), start)
     text_encoder = TextEncoder()
     if tower.config.projection_dim != text_encoder.dim:
         raise ValueError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")
@@ -102,7 +116,8 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
     text_all = cache_text_embeddings(all_captions, cache_dir, text_encoder.directory, progress)  # (captions, D)
     picked = subset(len(train_rows), cfg.max_images, seed)
     images = [(ann.parent / train_rows[i]["image"]).resolve() for i in picked]
-    stem = cache_stem_features(tower, images, cache_dir, mean, std, progress)  # (n, N, C) float16
+    turns = quarter_turns(cfg.rotations)
+    stems = [cache_stem_features(tower, images, cache_dir, mean, std, progress, k) for k in turns]  # (n, N, C) f16
     spans = [(int(starts[i]), int(starts[i + 1])) for i in picked]
 
     label_names = sorted({str(r["label"]) for r in train_rows if r.get("label")})
@@ -115,7 +130,8 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         label_idx = np.array([index.get(str(train_rows[i].get("label")), -1) for i in picked])
 
     model = AlignModel(tower, cfg.temperature)
-    trainer = Trainer("align", model, cfg.optim, recipe.run, directory, accelerator)
+    trainer = Trainer("retrieval" if isinstance(cfg, RetrievalConfig) else "align", model, cfg.optim, recipe.run, directory, accelerator,
+                      lr_scales={"tower.stem.": cfg.stem_lr_scale})
     if resume:
         trainer.load_checkpoint()
     bs = cfg.optim.batch_size
@@ -126,16 +142,18 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         rng = np.random.RandomState(seed + micro_step)
         idx = batch_indices(len(images), bs, micro_step, seed)
         cap = [rng.randint(*spans[i]) for i in idx]
+        view = rng.randint(len(stems), size=len(idx))
         keep = trainer.shard(list(range(len(idx))))
-        idx, cap = [idx[k] for k in keep], [cap[k] for k in keep]
-        feats = torch.from_numpy(np.asarray(stem[idx], dtype=np.float32))
+        idx, cap, view = [idx[k] for k in keep], [cap[k] for k in keep], view[keep]
+        feats = torch.from_numpy(np.stack([np.asarray(stems[v][i], dtype=np.float32)
+                                           for i, v in zip(idx, view, strict=True)]))
         labels = torch.from_numpy(label_idx[idx]) if label_idx is not None else None
         with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=recipe.run.autocast == "bf16"):
             return trainer.module(feats, torch.from_numpy(text_all[cap]), labels, label_emb, cfg.label_weight)
 
     eval_fn = None
     if cfg.val_split:
-        eval_fn = _val_fn(model, ann, cfg, tower, text_encoder, cache_dir, mean, std, seed, progress)
+        eval_fn = _val_fn(model, ann, cfg, tower, text_encoder, cache_dir, mean, std, seed, progress, turns)
     trainer.fit(loss_fn, eval_fn, progress, stop_after)
     if trainer.is_main:
         save_tower(tower, directory)
@@ -144,13 +162,15 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
 
 
 def _val_fn(model: AlignModel, ann: Path, cfg: AlignConfig, tower: GeoHybridVisionModel, text: TextEncoder,
-            cache_dir: Path, mean: tuple, std: tuple, seed: int, progress: bool):  # type: ignore[no-untyped-def]
+            cache_dir: Path, mean: tuple, std: tuple, seed: int, progress: bool,
+            turns: list[int]) -> Callable[[], dict[str, float]] | None:
     rows = _rows(ann, cfg.val_split)
     if not rows:
         return None
     rows = [rows[i] for i in subset(len(rows), cfg.val_max, seed)]
-    stem = torch.from_numpy(np.asarray(cache_stem_features(
-        tower, [(ann.parent / r["image"]).resolve() for r in rows], cache_dir, mean, std, progress), dtype=np.float32))
+    paths = [(ann.parent / r["image"]).resolve() for r in rows]
+    stems = [torch.from_numpy(np.asarray(cache_stem_features(tower, paths, cache_dir, mean, std, progress, k),
+                                         dtype=np.float32)) for k in turns]
     captions = [c for r in rows for c in r["captions"]]
     caption_image = [i for i, r in enumerate(rows) for _ in r["captions"]]
     caption_emb = text.encode(captions)
@@ -160,7 +180,7 @@ def _val_fn(model: AlignModel, ann: Path, cfg: AlignConfig, tower: GeoHybridVisi
         label_emb = label_embeddings(text, labels)
 
     def eval_fn() -> dict[str, float]:
-        z = model.embed(stem).numpy()
+        z = F.normalize(torch.stack([model.embed(stem) for stem in stems]).mean(0), dim=-1).numpy()  # as in use
         out = {k: v for k, v in retrieval_recalls(z, caption_emb, caption_image).items() if k in ("t2i_R@1", "t2i_R@10")}
         if label_emb is not None:
             pred = (z @ label_emb.T).argmax(1)

@@ -66,6 +66,7 @@ class TextEncoder:
 
 
 ROTATIONS = 4
+RETRIEVAL_DIR = "retrieval"  # an assistant's search tower (the recipe's retrieval stage), beside vision/
 
 
 @torch.no_grad()
@@ -87,14 +88,16 @@ def save_tower(tower: GeoHybridVisionModel, directory: Path) -> Path:
     """Write `directory/vision/` (config + trainable weights; the frozen shipped stem left out)."""
     out = directory / VISION_DIR
     out.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: v.detach().contiguous()
-        for k, v in tower.state_dict().items()
-        if not (tower.stem_is_frozen and k.startswith("stem."))
-    }
+    state = {k: v.detach().contiguous() for k, v in tower.state_dict().items() if tower.is_saved_weight(k)}
     tower.config.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"))
     return out
+
+
+def search_tower_dir(directory: Path) -> Path:
+    """Where the dual encoder's tower lives: `directory/retrieval/` when a retrieval stage made one."""
+    search = directory / RETRIEVAL_DIR
+    return search if (search / VISION_DIR / "model.safetensors").is_file() else directory
 
 
 def load_tower(directory: Path) -> GeoHybridVisionModel:
@@ -106,7 +109,7 @@ def load_tower(directory: Path) -> GeoHybridVisionModel:
     tower = GeoHybridVisionModel(config)
     tower.load_stem_weights()
     result = tower.load_state_dict(load_file(str(vision / "model.safetensors")), strict=False)
-    missing = [k for k in result.missing_keys if not (tower.stem_is_frozen and k.startswith("stem."))]
+    missing = [k for k in result.missing_keys if tower.is_saved_weight(k)]
     if missing or result.unexpected_keys:
         raise ModelLoadError(f"vision weights in {vision} do not fit: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     return tower.eval()

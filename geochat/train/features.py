@@ -57,21 +57,35 @@ def cache_stem_features(
     mean: Sequence[float],
     std: Sequence[float],
     progress: bool = True,
+    rotation: int = 0,
 ) -> np.ndarray:
-    """(len(images), N, C) float16 stem features, computed once and memory-mapped afterwards."""
+    """(len(images), N, C) float16 stem features, computed once and memory-mapped afterwards.
+
+    `rotation` k turns every image by k quarter turns first (`torch.rot90` of the pixels: the
+    augmentation the align stages draw from). With `trainable_stem_blocks` the features are the
+    frozen part's output (the input of the trainable tail).
+    """
     size = tower.config.image_size
-    key = content_key("stem", tower.config.stem, size, list(mean), list(std), [str(p) for p in images])
+    tail = tower.config.trainable_stem_blocks
+    extra = ([{"trainable_stem_blocks": tail}] if tail else []) + ([{"rotation": rotation % 4}] if rotation % 4 else [])
+    key = content_key("stem", tower.config.stem, size, list(mean), list(std), [str(p) for p in images], *extra)
     path = cache_dir / f"stem-{key}.npy"
     if path.is_file():
         return np.load(path, mmap_mode="r")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tower.eval()
-    out = np.empty((len(images), tower.config.num_patches, tower.config.stem_channels), dtype=np.float16)
-    bar = tqdm(range(0, len(images), STEM_BATCH), desc="stem features", disable=not progress, unit="batch")
+    out: np.ndarray | None = None
+    desc = f"stem features{f' ({rotation % 4 * 90}°)' if rotation % 4 else ''}"
+    bar = tqdm(range(0, len(images), STEM_BATCH), desc=desc, disable=not progress, unit="batch")
     for start in bar:
         batch = images[start : start + STEM_BATCH]
         pixels = torch.cat([to_pixel_values(read_rgb(p), size, mean, std) for p in batch])  # (b, 3, S, S)
-        out[start : start + len(batch)] = tower.stem_features(pixels).numpy().astype(np.float16)
+        feats = tower.stem_features(torch.rot90(pixels, rotation % 4, dims=(2, 3))).numpy()
+        if out is None:
+            out = np.empty((len(images), *feats.shape[1:]), dtype=np.float16)
+        out[start : start + len(batch)] = feats.astype(np.float16)
+    if out is None:  # no images
+        out = np.empty((0, tower.config.num_patches, tower.config.stem_channels), dtype=np.float16)
     _save_atomic(path, out)
     return np.load(path, mmap_mode="r")
 

@@ -68,12 +68,21 @@ class Trainer:
     """Runs `loss_fn(step) -> loss` for `optim.max_steps` steps over `module`'s trainable parameters."""
 
     def __init__(self, name: str, module: nn.Module, optim: OptimConfig, run: RunConfig, directory: Path,
-                 accelerator: Any | None = None) -> None:
+                 accelerator: Any | None = None, lr_scales: dict[str, float] | None = None) -> None:
+        """`lr_scales` maps a parameter-name prefix to a multiplier of the schedule's learning rate."""
         self.name, self.module, self.optim_cfg, self.run_cfg, self.directory = name, module, optim, run, directory
-        self.params = [p for p in module.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         if not self.params:
             raise ValueError(f"stage {name}: nothing to train (no parameter requires grad)")
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
+        scales = lr_scales or {}
+
+        def scale_of(param_name: str) -> float:
+            return next((v for prefix, v in scales.items() if param_name.startswith(prefix)), 1.0)
+
+        groups = [{"params": [p for n, p in named if scale_of(n) == v], "lr_scale": v}
+                  for v in sorted({scale_of(n) for n, _ in named})]
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
         self.accelerator = accelerator
         if accelerator is not None:
             self.module, self.optimizer = accelerator.prepare(self.module, self.optimizer)
@@ -135,7 +144,7 @@ class Trainer:
         start = time.perf_counter()
         while self.step < cfg.max_steps:
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, cfg)
+                group["lr"] = lr_at(self.step, cfg) * group.get("lr_scale", 1.0)
             self.module.train()
             total = 0.0
             for micro in range(cfg.grad_accum):

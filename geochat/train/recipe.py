@@ -1,11 +1,13 @@
 """Training recipes: YAML → typed, validated dataclasses (one per concern), unknown keys rejected.
 
 A recipe names the assistant to build (`model`, an `AssistantConfig` without its name) and up to
-three stages, run in this order, each starting from the weights the previous one produced:
+four stages, run in this order, each starting from the weights the previous one produced:
 
     align     contrastive dual encoder: tower's pooled head ↔ frozen MiniLM caption embeddings
     pretrain  image → caption with the LLM frozen: the projector (and optionally the tower) learn
     instruct  LoRA / QLoRA / MoE-LoRA on the LLM (+ the projector) over LLaVA-format conversations
+    retrieval optional: the align stage's tower refined for search alone (rotations, trainable stem
+              blocks), saved apart as `retrieval/vision/`; the chat stages never read it
 
 Relative paths in a recipe are relative to the recipe file, so a recipe under `adapters/` can
 point at `../../shared/data` and still run from any working directory.
@@ -24,7 +26,7 @@ from geochat.errors import GeoChatError
 from geochat.model.config import AssistantConfig, LoraSettings
 from geochat.model.moe_lora import MoELoraSettings
 
-STAGES = ("align", "pretrain", "instruct")
+STAGES = ("align", "pretrain", "instruct", "retrieval")
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,15 @@ class AlignConfig:
     val_max: int = 200
     temperature: float = 0.07         # initial; learnable (CLIP)
     label_weight: float = 0.0         # weight of a supervised term: image ↔ its label's prompts (needs labels)
+    rotations: int = 1                # 1, 2 or 4: each step shows an image at one of these quarter turns
+    stem_lr_scale: float = 1.0        # learning-rate multiplier of the stem's trainable blocks, if any
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
+        if self.rotations not in (1, 2, 4):
+            raise ValueError("rotations must be 1, 2 or 4")
+        if self.stem_lr_scale <= 0:
+            raise ValueError("stem_lr_scale must be > 0")
         if self.max_images is not None and self.max_images < 2:
             raise ValueError("align.max_images must be >= 2")
         if self.label_weight < 0:
@@ -84,6 +92,18 @@ class ChatStageConfig:
             raise ValueError("max_samples must be >= 1")
         if self.val_samples < 0 or self.max_length < 16:
             raise ValueError("val_samples must be >= 0 and max_length >= 16")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(AlignConfig):
+    """A second contrastive run for the dual encoder alone (text↔image search, zero-shot labels).
+
+    It starts from the align stage's tower (when the recipe has one), changes `vision` (e.g.
+    `trainable_stem_blocks`), and is saved apart (`retrieval/vision/`), so the tokens the chat
+    stages were trained on stay as they were.
+    """
+
+    vision: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,6 +148,7 @@ class Recipe:
     align: AlignConfig | None = None
     pretrain: ChatStageConfig | None = None
     instruct: ChatStageConfig | None = None
+    retrieval: RetrievalConfig | None = None
     run: RunConfig = field(default_factory=RunConfig)
     init: str | None = None           # start from this assistant (or align) directory's tower and projector
     base_dir: str = "."               # the recipe file's directory (set by `load_recipe`)
@@ -136,7 +157,7 @@ class Recipe:
         if not self.name or not self.output:
             raise ValueError("a recipe needs a name and an output directory")
         if not self.stages:
-            raise ValueError("a recipe needs at least one stage: align, pretrain or instruct")
+            raise ValueError("a recipe needs at least one stage: align, pretrain, instruct or retrieval")
         if (self.model.quantization or self.model.moe) and self.instruct is None:
             raise ValueError("quantization and moe apply to the instruct stage; add one")
         if self.instruct is not None and self.model.lora is None and self.model.moe is None:

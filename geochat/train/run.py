@@ -4,7 +4,9 @@
     OUTPUT/align/                 log.jsonl, loss.png, checkpoint/, vision/ (the aligned tower), done.json
     OUTPUT/pretrain/assistant/    an assistant directory after pretraining
     OUTPUT/instruct/assistant/    ... after instruction tuning
-    OUTPUT/assistant/             the final result: the last chat stage's assistant (or the aligned tower)
+    OUTPUT/retrieval/             (optional) log.jsonl, loss.png, checkpoint/, vision/ (the search tower), done.json
+    OUTPUT/assistant/             the final result: the last chat stage's assistant (or the aligned tower),
+                                  with the search tower as assistant/retrieval/vision/ when there is one
 
 `resume=True` skips finished stages (`done.json`) and continues an unfinished one from its checkpoint.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from geochat.errors import GeoChatError
+from geochat.train.dual_encoder import RETRIEVAL_DIR
 from geochat.train.recipe import Recipe
 
 FINAL = "assistant"
@@ -40,18 +43,24 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
     previous: Path | None = recipe.path(recipe.init) if recipe.init else None
     if previous is not None and not previous.is_dir():
         raise GeoChatError(f"init directory not found: {previous}")
+    retrieval: Path | None = None
     for stage in recipe.stages:
         directory = out / stage
         done = directory / "done.json"
-        result = directory if stage == "align" else directory / FINAL
+        result = directory if stage in ("align", "retrieval") else directory / FINAL
         if resume and done.is_file():
-            previous = result
+            if stage == "retrieval":
+                retrieval = result
+            else:
+                previous = result
             continue
-        if stage == "align":
+        if stage in ("align", "retrieval"):
             from geochat.train.align import run_align
 
-            assert recipe.align is not None
-            run_align(recipe, recipe.align, directory, accelerator, resume, progress, stop_after)
+            cfg_align = recipe.align if stage == "align" else recipe.retrieval
+            assert cfg_align is not None
+            start = out / "align" if stage == "retrieval" and recipe.align is not None else None
+            run_align(recipe, cfg_align, directory, accelerator, resume, progress, stop_after, start)
         else:
             from geochat.train.chat import run_chat_stage
 
@@ -59,7 +68,10 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
             assert cfg is not None
             run_chat_stage(recipe, stage, cfg, directory, previous, accelerator, resume, progress, stop_after)
         done.write_text(json.dumps({"stage": stage}))
-        previous = result
+        if stage == "retrieval":
+            retrieval = result
+        else:
+            previous = result
     final = out / FINAL
     if previous is not None and previous != final:
         shutil.rmtree(final, ignore_errors=True)
@@ -67,6 +79,9 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
             shutil.copytree(previous, final)
         else:  # align only: the aligned tower is the product
             shutil.copytree(previous / "vision", final / "vision")
+    if retrieval is not None:
+        shutil.rmtree(final / RETRIEVAL_DIR, ignore_errors=True)
+        shutil.copytree(retrieval / "vision", final / RETRIEVAL_DIR / "vision")
     return final
 
 
