@@ -48,10 +48,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _recipe(tmp: Path, data: Path, llm: Path, stages: dict, **model: object) -> Path:
+def _recipe(tmp: Path, data: Path, llm: Path, stages: dict, run: dict | None = None, **model: object) -> Path:
     recipe = {"name": "tiny", "output": str(tmp / "out"),
               "model": {"llm": str(llm), "vision": VISION, **model},
-              "run": {"seed": 0, "log_every": 1, "eval_every": 2, "save_every": 1, "cache_dir": str(tmp / "cache")},
+              "run": {"seed": 0, "log_every": 1, "eval_every": 2, "save_every": 1, "cache_dir": str(tmp / "cache"),
+                      **(run or {})},
               **stages}
     tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "tiny.yaml"
@@ -276,8 +277,11 @@ def test_all_stages_give_an_assistant_that_chats(tmp_path: Path, data: Path, tin
     chat = {"conversations": str(data / "conv.json"), "val_samples": 2, "max_length": 256,
             "optim": {"lr": 1e-3, "batch_size": 2, "max_steps": 2}}
     stages = {**_align(data, steps=2), "pretrain": chat, "instruct": chat}
-    path = _recipe(tmp_path, data, tiny_llm_dir, stages, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    path = _recipe(tmp_path, data, tiny_llm_dir, stages, run={"save_dtype": "float16"},
+                   lora={"r": 4, "alpha": 8, "dropout": 0.0})
     final = run_recipe(load_recipe(path), progress=False)
+    weights = sorted(final.rglob("*.safetensors"))
+    assert len(weights) == 3 and all(v.dtype == torch.float16 for w in weights for v in load_file(str(w)).values())
     cfg = json.loads((final / "geochat_config.json").read_text())
     assert cfg["projector_trained"] and cfg["lora"]["r"] == 4
     gc = GeoChat.from_pretrained(final, max_new_tokens=4)

@@ -114,10 +114,13 @@ class RunConfig:
     save_every: int = 50
     cache_dir: str | None = None      # feature caches (default: <cache root>/align)
     autocast: Literal["bf16"] | None = None  # bf16 autocast of every stage (2.4x faster on AVX512-BF16 CPUs)
+    save_dtype: Literal["float32", "float16"] = "float32"  # of the final assistant's weight files
 
     def __post_init__(self) -> None:
         if self.autocast not in (None, "bf16"):
             raise ValueError("run.autocast must be bf16 or null")
+        if self.save_dtype not in ("float32", "float16"):
+            raise ValueError("run.save_dtype must be float32 or float16")
         if min(self.log_every, self.eval_every, self.save_every) < 1:
             raise ValueError("run.log_every, eval_every and save_every must be >= 1")
 

@@ -82,7 +82,25 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
     if retrieval is not None:
         shutil.rmtree(final / RETRIEVAL_DIR, ignore_errors=True)
         shutil.copytree(retrieval / "vision", final / RETRIEVAL_DIR / "vision")
+    if recipe.run.save_dtype == "float16":
+        for path in sorted(final.rglob("*.safetensors")):
+            store_as_float16(path)
     return final
+
+
+def store_as_float16(path: Path) -> None:
+    """Rewrite a safetensors file with its float32 tensors as float16 (half the size; loaders upcast)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
 
 
 def _jsonable(recipe: Recipe) -> dict[str, Any]:
