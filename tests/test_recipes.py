@@ -57,6 +57,9 @@ def _write(tmp_path: Path, text: str) -> Path:
     ("name: x\noutput: o\ninstruct: {conversations: c.json}\n", "lora"),
     ("name: x\noutput: o\nmodel: {quantization: 3bit}\nalign: {annotations: a.jsonl}\n", "quantization"),
     ("name: x\noutput: o\nmodel: {lora: {r: 0}}\ninstruct: {conversations: c.json}\n", "rank"),
+    ("name: x\noutput: o\nretrieval: {annotations: a.jsonl, rotations: 3}\n", "rotations"),
+    ("name: x\noutput: o\nretrieval: {annotations: a.jsonl, from_align: maybe}\n", "true or false"),
+    ("name: x\noutput: o\nalign: {annotations: a.jsonl}\nrun: {save_dtype: int8}\n", "save_dtype"),
 ])
 def test_bad_recipes_are_rejected(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(GeoChatError, match=message):

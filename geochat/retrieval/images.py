@@ -111,17 +111,16 @@ class TowerEmbedder:
     """A trained dual-encoder tower: `pooler_output` (B, 384), aligned with MiniLM's text space.
 
     `directory` holds `vision/` as the align stage writes it (an align output or an assistant
-    directory); `geochat.train.dual_encoder.load_tower` reads it and adds the shipped stem. An
-    assistant directory with a search tower (`retrieval/vision/`, the recipe's retrieval stage) uses that one.
+    directory); `geochat.train.dual_encoder.load_tower` reads it and adds the shipped stem. The name
+    records DIR exactly, so a collection is always queried with the tower that built it; `auto` picks
+    the default model's search tower (`retrieval/`, the recipe's retrieval stage) when it has one.
     """
 
     has_text_side = True
 
     def __init__(self, directory: Path) -> None:
         from geochat.model.hybrid_tower import GeoHybridVisionConfig
-        from geochat.train.dual_encoder import search_tower_dir
 
-        directory = search_tower_dir(directory)
         vision = directory / "vision"
         if not (vision / "config.json").is_file():
             raise GeoChatError(f"no trained vision tower in {directory} ({vision}/config.json missing)")
@@ -154,8 +153,10 @@ def image_embedder_from_name(name: str) -> ImageEmbedder:
     if name.startswith(TOWER_PREFIX):
         return TowerEmbedder(Path(name[len(TOWER_PREFIX):]))
     if name == "auto":
-        trained = (TRAINED_DEFAULT_DIR / "vision" / "model.safetensors").is_file()
-        return TowerEmbedder(TRAINED_DEFAULT_DIR) if trained else StemEmbedder()
+        from geochat.train.dual_encoder import search_tower_dir
+
+        directory = search_tower_dir(TRAINED_DEFAULT_DIR)
+        return TowerEmbedder(directory) if (directory / "vision" / "model.safetensors").is_file() else StemEmbedder()
     raise GeoChatError(f"unknown image embedder {name!r}: use 'auto', 'stem' or 'tower:DIR'")
 
 

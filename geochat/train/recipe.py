@@ -104,6 +104,7 @@ class RetrievalConfig(AlignConfig):
     """
 
     vision: dict[str, Any] = field(default_factory=dict)
+    from_align: bool = True           # start from the align stage's tower (else from ImageNet's stem alone)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,8 @@ def _value(hint: Any, value: Any, where: str) -> Any:
             return float(value)  # YAML reads 1e-3 (no dot) as a string
         except ValueError as exc:
             raise GeoChatError(f"{where}: expected a number, got {value!r}") from exc
+    if bool in candidates and not isinstance(value, bool):
+        raise GeoChatError(f"{where}: expected true or false, got {value!r}")
     if int in candidates and not (isinstance(value, int) and not isinstance(value, bool)):
         raise GeoChatError(f"{where}: expected an integer, got {value!r}")
     if str in candidates and not isinstance(value, str):

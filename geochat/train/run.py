@@ -57,10 +57,13 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
         if stage in ("align", "retrieval"):
             from geochat.train.align import run_align
 
-            cfg_align = recipe.align if stage == "align" else recipe.retrieval
-            assert cfg_align is not None
-            start = out / "align" if stage == "retrieval" and recipe.align is not None else None
-            run_align(recipe, cfg_align, directory, accelerator, resume, progress, stop_after, start)
+            if stage == "align":
+                assert recipe.align is not None
+                run_align(recipe, recipe.align, directory, accelerator, resume, progress, stop_after)
+            else:
+                assert recipe.retrieval is not None
+                start = out / "align" if recipe.align is not None and recipe.retrieval.from_align else None
+                run_align(recipe, recipe.retrieval, directory, accelerator, resume, progress, stop_after, start)
         else:
             from geochat.train.chat import run_chat_stage
 
