@@ -200,8 +200,9 @@ def load_dual(model: str | None) -> Any:
     from geochat.train.dual_encoder import DualEncoder, TextEncoder, load_tower, search_tower_dir
 
     directory = Path(model) if model else TRAINED_DEFAULT_DIR
-    if (search_tower_dir(directory) / "vision" / "model.safetensors").is_file():
-        tower = load_tower(search_tower_dir(directory))
+    search = search_tower_dir(directory)
+    if (search / "vision" / "model.safetensors").is_file():
+        tower = load_tower(search)
     elif model:
         raise GeoChatError(f"'{model}' holds no trained vision tower (vision/model.safetensors)")
     else:

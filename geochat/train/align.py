@@ -35,7 +35,14 @@ from torch.nn import functional as F
 from geochat.eval.metrics import retrieval_recalls
 from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
 from geochat.paths import cache_root
-from geochat.train.dual_encoder import VISION_DIR, TextEncoder, label_embeddings, save_tower
+from geochat.train.dual_encoder import (
+    VISION_DIR,
+    TextEncoder,
+    label_embeddings,
+    mean_of_views,
+    quarter_turns,
+    save_tower,
+)
 from geochat.train.features import cache_stem_features, cache_text_embeddings
 from geochat.train.loop import Trainer
 from geochat.train.recipe import AlignConfig, Recipe, RetrievalConfig
@@ -88,11 +95,6 @@ def build_tower(recipe: Recipe, overrides: dict | None = None, start: Path | Non
         if result.unexpected_keys:
             raise ValueError(f"the tower in {start} does not fit: unexpected {result.unexpected_keys[:5]}")
     return tower
-
-
-def quarter_turns(rotations: int) -> list[int]:
-    """The quarter turns of `rotations` evenly spaced views (1 → [0], 2 → [0, 2], 4 → [0, 1, 2, 3])."""
-    return [k * (4 // rotations) for k in range(rotations)]
 
 
 def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: object | None = None,
@@ -180,7 +182,7 @@ def _val_fn(model: AlignModel, ann: Path, cfg: AlignConfig, tower: GeoHybridVisi
         label_emb = label_embeddings(text, labels)
 
     def eval_fn() -> dict[str, float]:
-        z = F.normalize(torch.stack([model.embed(stem) for stem in stems]).mean(0), dim=-1).numpy()  # as in use
+        z = mean_of_views([model.embed(stem) for stem in stems]).numpy()  # as in use (`tower_embedding`)
         out = {k: v for k, v in retrieval_recalls(z, caption_emb, caption_image).items() if k in ("t2i_R@1", "t2i_R@10")}
         if label_emb is not None:
             pred = (z @ label_emb.T).argmax(1)

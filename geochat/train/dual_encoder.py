@@ -69,14 +69,23 @@ ROTATIONS = 4
 RETRIEVAL_DIR = "retrieval"  # an assistant's search tower (the recipe's retrieval stage), beside vision/
 
 
+def quarter_turns(rotations: int) -> list[int]:
+    """The quarter turns of `rotations` evenly spaced views (1 → [0], 2 → [0, 2], 4 → [0, 1, 2, 3])."""
+    if rotations not in (1, 2, 4):
+        raise ValueError(f"rotations must be 1, 2 or 4, got {rotations}")
+    return [k * (4 // rotations) for k in range(rotations)]
+
+
+def mean_of_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One unit vector per image from its views' embeddings: the renormalised mean of their unit vectors."""
+    return F.normalize(torch.stack([F.normalize(v.float(), dim=-1) for v in views]).mean(0), dim=-1)
+
+
 @torch.no_grad()
 def tower_embedding(tower: GeoHybridVisionModel, pixels: torch.Tensor, rotations: int = ROTATIONS) -> np.ndarray:
     """(B, 3, S, S) pixel values → (B, D) unit vectors: the mean over `rotations` quarter turns (1, 2 or 4)."""
-    if rotations not in (1, 2, 4):
-        raise ValueError(f"rotations must be 1, 2 or 4, got {rotations}")
-    step = 4 // rotations
-    views = [tower(pixel_values=torch.rot90(pixels, k * step, dims=(2, 3))).pooler_output for k in range(rotations)]
-    return F.normalize(torch.stack([F.normalize(v.float(), dim=-1) for v in views]).mean(0), dim=-1).numpy()
+    views = [tower(pixel_values=torch.rot90(pixels, k, dims=(2, 3))).pooler_output for k in quarter_turns(rotations)]
+    return mean_of_views(views).numpy()
 
 
 def label_text(label: str) -> str:
