@@ -16,6 +16,7 @@ from rasterio.transform import Affine
 from geochat.cli import main
 from geochat.retrieval import IndexStore, Retriever, StoreLocation, index_docs, index_images
 from geochat.retrieval.images import StemEmbedder, image_date
+from geochat.retrieval.store import IMAGES
 from geochat.retrieval.text import TextEmbedder
 from tests.test_retrieval import write_docs
 
@@ -161,7 +162,7 @@ def test_trained_tower_is_swappable_and_never_mixed(
     tmp_path: Path, text: TextEmbedder, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A dual-encoder tower (tiny, conv stem) replaces the stem embedder; its text side searches images
-    directly; indexing the same collection with the stem afterwards is refused."""
+    directly; indexing the same collection with the stem afterwards is refused, and `auto` keeps its tower."""
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
     from geochat.retrieval.images import TowerEmbedder
     from geochat.train.dual_encoder import save_tower
@@ -186,3 +187,8 @@ def test_trained_tower_is_swappable_and_never_mixed(
                  "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot be mixed" in err and err.count("\n") == 1
+    # `auto` (the default) grows an archive with the embedder it was built with, and says the default moved
+    code = main(["index", "images", str(tmp_path / "images"), "--index-dir", str(index), "--no-progress", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["skipped"] == len(paths) and "--rebuild" in err
+    assert IndexStore.open(StoreLocation(path=index)).embedder_of(IMAGES) == tower.name

@@ -28,7 +28,8 @@ def register(sub: Any) -> None:
     images = kinds.add_parser("images", help="index the PNG/JPEG/GeoTIFF files under a directory")
     images.add_argument("directory", type=Path)
     images.add_argument("--embedder", default="auto",
-                        help="auto (trained tower when shipped, else stem), stem, or tower:DIR")
+                        help="auto (an existing archive's own embedder, else the shipped search tower, else "
+                             "stem), stem, or tower:DIR")
     images.add_argument("--max-size", type=int, default=256, help="long side of the overview read per image")
     images.set_defaults(func=run_images)
 
@@ -74,10 +75,19 @@ def run_docs(args: argparse.Namespace) -> int:
 def run_images(args: argparse.Namespace) -> int:
     from geochat.errors import GeoChatError
     from geochat.retrieval import image_embedder_from_name, index_images
+    from geochat.retrieval.images import auto_embedder_name
+    from geochat.retrieval.store import IMAGES
 
     if args.max_size < 32:
         raise GeoChatError(f"--max-size must be at least 32, got {args.max_size}")
     store = _open_for_writing(args)
-    report = index_images(store, args.directory, embedder=image_embedder_from_name(args.embedder),
+    name = args.embedder
+    recorded = None if args.rebuild else store.embedder_of(IMAGES)
+    if name == "auto" and recorded is not None:
+        name = recorded  # an archive grows with the embedder it was built with; --rebuild takes today's default
+        if recorded != auto_embedder_name():
+            print(f"geochat: adding to an archive embedded with {recorded}; the default embedder has changed "
+                  "since, and `--rebuild` re-embeds the whole archive with it", file=sys.stderr)
+    report = index_images(store, args.directory, embedder=image_embedder_from_name(name),
                           rebuild=args.rebuild, max_size=args.max_size, progress=not args.no_progress)
     return _print(report, args, store, "images")

@@ -309,11 +309,10 @@ def save_assistant(assistant: Assistant, directory: Path) -> Path:
     config = assistant.config
     llava = _llava(assistant.model)
     tower = llava.model.vision_tower
-    tower_state = {
-        k: v.detach().contiguous()
-        for k, v in tower.state_dict().items()
-        if not isinstance(tower, hybrid_tower.GeoHybridVisionModel) or tower.is_saved_weight(k)
-    }
+    if isinstance(tower, hybrid_tower.GeoHybridVisionModel):
+        tower_state = tower.saved_state_dict()
+    else:
+        tower_state = {k: v.detach().contiguous() for k, v in tower.state_dict().items()}
     (directory / VISION_DIR).mkdir(exist_ok=True)
     tower.config.save_pretrained(directory / VISION_DIR)
     save_file(tower_state, str(directory / VISION_DIR / "model.safetensors"))

@@ -150,6 +150,10 @@ class GeoHybridVisionModel(PreTrainedModel):
         tail = [f"stem._blocks.{i}." for i in range(len(stem._blocks) - k, len(stem._blocks))] if k else []
         return bool(k) and key.startswith((*tail, "stem._conv_head.", "stem._bn1."))
 
+    def saved_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights a saved tower holds (`is_saved_weight`), detached and contiguous."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if self.is_saved_weight(k)}
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
             nn.init.trunc_normal_(module.weight, std=0.02)

@@ -153,11 +153,18 @@ def image_embedder_from_name(name: str) -> ImageEmbedder:
     if name.startswith(TOWER_PREFIX):
         return TowerEmbedder(Path(name[len(TOWER_PREFIX):]))
     if name == "auto":
-        from geochat.train.dual_encoder import search_tower_dir
-
-        directory = search_tower_dir(TRAINED_DEFAULT_DIR)
-        return TowerEmbedder(directory) if (directory / "vision" / "model.safetensors").is_file() else StemEmbedder()
+        return image_embedder_from_name(auto_embedder_name())
     raise GeoChatError(f"unknown image embedder {name!r}: use 'auto', 'stem' or 'tower:DIR'")
+
+
+def auto_embedder_name() -> str:
+    """What `auto` means today: the default model's search tower, else the bare stem."""
+    from geochat.train.dual_encoder import search_tower_dir
+
+    directory = search_tower_dir(TRAINED_DEFAULT_DIR)
+    if (directory / "vision" / "model.safetensors").is_file():
+        return f"{TOWER_PREFIX}{directory.resolve()}"
+    return STEM_EMBEDDER
 
 
 # -- metadata -------------------------------------------------------------------------------------

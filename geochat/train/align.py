@@ -99,13 +99,14 @@ def build_tower(recipe: Recipe, overrides: dict | None = None, start: Path | Non
 
 def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: object | None = None,
               resume: bool = False, progress: bool = True, stop_after: int | None = None,
-              start: Path | None = None) -> GeoHybridVisionModel:
-    """Train the tower contrastively (the align stage, or the retrieval stage from `start`'s tower)."""
+              start: Path | None = None, stage: str = "align") -> GeoHybridVisionModel:
+    """Train the tower contrastively: the align stage, or (`stage="retrieval"`, a `RetrievalConfig`) the
+    search tower with its `vision` overrides, from `start`'s tower if given."""
     ann = recipe.path(cfg.annotations)
     seed = recipe.run.seed
     cache_dir = recipe.path(recipe.run.cache_dir) if recipe.run.cache_dir else cache_root() / "align"
     mean, std = recipe.assistant_config("align").image_mean, recipe.assistant_config("align").image_std
-    tower = build_tower(recipe, getattr(cfg, "vision", None), start)
+    tower = build_tower(recipe, cfg.vision if isinstance(cfg, RetrievalConfig) else None, start)
     text_encoder = TextEncoder()
     if tower.config.projection_dim != text_encoder.dim:
         raise ValueError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")
@@ -132,7 +133,7 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         label_idx = np.array([index.get(str(train_rows[i].get("label")), -1) for i in picked])
 
     model = AlignModel(tower, cfg.temperature)
-    trainer = Trainer("retrieval" if isinstance(cfg, RetrievalConfig) else "align", model, cfg.optim, recipe.run, directory, accelerator,
+    trainer = Trainer(stage, model, cfg.optim, recipe.run, directory, accelerator,
                       lr_scales={"tower.stem.": cfg.stem_lr_scale})
     if resume:
         trainer.load_checkpoint()

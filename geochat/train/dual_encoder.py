@@ -97,7 +97,7 @@ def save_tower(tower: GeoHybridVisionModel, directory: Path) -> Path:
     """Write `directory/vision/` (config + trainable weights; the frozen shipped stem left out)."""
     out = directory / VISION_DIR
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in tower.state_dict().items() if tower.is_saved_weight(k)}
+    state = tower.saved_state_dict()
     tower.config.save_pretrained(out)
     save_file(state, str(out / "model.safetensors"))
     return out
