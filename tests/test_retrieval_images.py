@@ -16,7 +16,7 @@ from rasterio.transform import Affine
 from geochat.cli import main
 from geochat.retrieval import IndexStore, Retriever, StoreLocation, index_docs, index_images
 from geochat.retrieval.images import StemEmbedder, image_date
-from geochat.retrieval.store import IMAGES
+from geochat.retrieval.store import IMAGES, MixedEmbedderError
 from geochat.retrieval.text import TextEmbedder
 from tests.test_retrieval import write_docs
 
@@ -162,7 +162,8 @@ def test_trained_tower_is_swappable_and_never_mixed(
     tmp_path: Path, text: TextEmbedder, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A dual-encoder tower (tiny, conv stem) replaces the stem embedder; its text side searches images
-    directly; indexing the same collection with the stem afterwards is refused, and `auto` keeps its tower."""
+    directly; indexing the same collection with the stem afterwards is refused, `auto` keeps its tower, and
+    the tower retrained in place is refused until the archive is rebuilt."""
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
     from geochat.retrieval.images import TowerEmbedder
     from geochat.train.dual_encoder import save_tower
@@ -192,3 +193,15 @@ def test_trained_tower_is_swappable_and_never_mixed(
     out, err = capsys.readouterr()
     assert code == 0 and json.loads(out)["skipped"] == len(paths) and "--rebuild" in err
     assert IndexStore.open(StoreLocation(path=index)).embedder_of(IMAGES) == tower.name
+
+    # retrained in place (same directory, other weights): queries and additions are refused until --rebuild
+    torch.manual_seed(1)
+    save_tower(GeoHybridVisionModel(config), tmp_path / "dual")
+    stale = Retriever(IndexStore.open(StoreLocation(path=index)), k=6, text_embedder=text)
+    with pytest.raises(MixedEmbedderError, match="--rebuild"):
+        stale.search_images("farmland")
+    args = ["index", "images", str(tmp_path / "images"), "--index-dir", str(index), "--no-progress"]
+    assert main(args) == 2 and "retrained" in capsys.readouterr().err
+    assert main([*args, "--rebuild"]) == 0
+    fresh = Retriever(IndexStore.open(StoreLocation(path=index)), k=6, text_embedder=text)
+    assert fresh.similar_images(paths["rings"])[0].path == str(paths["rings"].resolve())

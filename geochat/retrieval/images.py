@@ -41,7 +41,7 @@ from tqdm import tqdm
 from geochat.errors import GeoChatError, ImageryError
 from geochat.jsonl import iter_jsonl
 from geochat.retrieval.docs import IndexReport
-from geochat.retrieval.store import CAPTIONS, IMAGES, IndexStore
+from geochat.retrieval.store import CAPTIONS, IMAGES, IndexStore, MixedEmbedderError
 from geochat.retrieval.text import TextEmbedder
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
@@ -49,6 +49,7 @@ INDEX_MAX_SIZE = 256  # long side of the overview read for embedding
 EMBED_SIZE = 224
 EMBED_BATCH = 16
 STEM_EMBEDDER = "efficientnet-lite0-stem-mean"
+WEIGHTS_KEY = "geochat_weights"  # collection metadata: the embedder's `weights` digest
 TOWER_PREFIX = "tower:"
 TRAINED_DEFAULT_DIR = Path(__file__).resolve().parents[2] / "adapters" / "geochat-mini"
 _DATE_TAGS = ("ACQUISITIONDATETIME", "ACQUISITION_DATE", "DATE_ACQUIRED", "TIFFTAG_DATETIME", "DATETIME")
@@ -60,6 +61,7 @@ class ImageEmbedder(Protocol):
     name: str
     dim: int
     has_text_side: bool
+    weights: str  # a digest of trained weights that `name` does not pin down ("" when none)
 
     def embed_images(self, rgbs: Sequence[np.ndarray]) -> np.ndarray: ...  # (n, dim), unit length
 
@@ -85,6 +87,7 @@ class StemEmbedder:
     name = STEM_EMBEDDER
     dim = 1280
     has_text_side = False
+    weights = ""  # the shipped package's ImageNet weights
 
     @cached_property
     def tower(self) -> Any:
@@ -126,6 +129,8 @@ class TowerEmbedder:
             raise GeoChatError(f"no trained vision tower in {directory} ({vision}/config.json missing)")
         self.directory = directory
         self.name = f"{TOWER_PREFIX}{directory.resolve()}"
+        weights = vision / "model.safetensors"  # a retrained tower in the same directory has another digest
+        self.weights = _digest(weights)[:16] if weights.is_file() else ""
         self.dim = int(GeoHybridVisionConfig.from_pretrained(vision).projection_dim)
         self._text = TextEmbedder()
         if self.dim != self._text.dim:
@@ -256,7 +261,19 @@ def _abs(path: Path) -> Path:
     return Path(os.path.normpath(path.absolute()))
 
 
+def check_weights(collection: Any, embedder: ImageEmbedder) -> None:
+    """Refuse a collection whose recorded tower weights are not `embedder`'s (retrained since indexing)."""
+    recorded = (collection.metadata or {}).get(WEIGHTS_KEY)
+    if recorded and recorded != embedder.weights:
+        raise MixedEmbedderError(
+            f"the images in this index were embedded by {embedder.name} with other weights (recorded {recorded}, "
+            f"now {embedder.weights or 'none'}): the tower was retrained or replaced since; re-embed them with "
+            "`geochat index images DIR --rebuild`"
+        )
+
+
 def _digest(path: Path) -> str:
+    """sha256 of a file's bytes (hex)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -283,6 +300,9 @@ def index_images(
     embedder = embedder or image_embedder_from_name("auto")
     text_embedder = text_embedder or TextEmbedder()
     images = store.writable_collection(IMAGES, embedder.name, embedder.dim)
+    check_weights(images, embedder)
+    # Weights are recorded when every vector is known to be theirs: a new collection, or one that records them.
+    record_weights = images.count() == 0 or WEIGHTS_KEY in (images.metadata or {})
     captions = store.writable_collection(CAPTIONS, text_embedder.name, text_embedder.dim)
     got = images.get(include=["metadatas"])
     stored = {rid: m for rid, m in zip(got["ids"], got["metadatas"], strict=True) if m}
@@ -319,7 +339,7 @@ def index_images(
         bar.update(len(batch))
     bar.close()
     store.finish(captions)
-    report.total_records = store.finish(images)
+    report.total_records = store.finish(images, **({WEIGHTS_KEY: embedder.weights} if record_weights else {}))
     report.seconds = time.perf_counter() - start
     return report
 

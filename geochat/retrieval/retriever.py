@@ -5,7 +5,8 @@ prompt as quoted, delimited data (`geochat.prompting.render_passages`). Scores a
 similarities (1 - chromadb's cosine distance), higher is closer.
 
 Image queries use the embedder recorded in the images collection, never the current default, so a
-query vector always lives in the same space as the stored ones. Text→image search goes through the
+query vector always lives in the same space as the stored ones; a tower whose weights changed since
+(its recorded digest differs) is refused with the rebuild command. Text→image search goes through the
 image embedder's text side where it has one (the trained dual encoder shares MiniLM's space), else
 through the MiniLM embeddings of the images' captions.
 """
@@ -70,11 +71,13 @@ class Retriever:
     @cached_property
     def image_embedder(self) -> Any | None:
         """The embedder that filled the images collection (None without one)."""
-        from geochat.retrieval.images import image_embedder_from_name
+        from geochat.retrieval.images import check_weights, image_embedder_from_name
 
         if self._images is None:
             return None
-        return image_embedder_from_name(str(self._images.metadata["geochat_embedder"]))
+        embedder = image_embedder_from_name(str(self._images.metadata["geochat_embedder"]))
+        check_weights(self._images, embedder)
+        return embedder
 
     @property
     def has_docs(self) -> bool:
