@@ -128,7 +128,7 @@ class TowerEmbedder:
         if not (vision / "config.json").is_file():
             raise GeoChatError(f"no trained vision tower in {directory} ({vision}/config.json missing)")
         self.directory = directory
-        self.name = f"{TOWER_PREFIX}{directory.resolve()}"
+        self.name = tower_name(directory)
         weights = vision / "model.safetensors"  # a retrained tower in the same directory has another digest
         self.weights = _digest(weights)[:16] if weights.is_file() else ""
         self.dim = int(GeoHybridVisionConfig.from_pretrained(vision).projection_dim)
@@ -167,9 +167,12 @@ def auto_embedder_name() -> str:
     from geochat.train.dual_encoder import search_tower_dir
 
     directory = search_tower_dir(TRAINED_DEFAULT_DIR)
-    if (directory / "vision" / "model.safetensors").is_file():
-        return f"{TOWER_PREFIX}{directory.resolve()}"
-    return STEM_EMBEDDER
+    return tower_name(directory) if (directory / "vision" / "model.safetensors").is_file() else STEM_EMBEDDER
+
+
+def tower_name(directory: Path) -> str:
+    """The name a collection records for the tower in `directory` (exact: the resolved path)."""
+    return f"{TOWER_PREFIX}{directory.resolve()}"
 
 
 # -- metadata -------------------------------------------------------------------------------------
