@@ -21,7 +21,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from geochat.train.dual_encoder import RETRIEVAL_DIR, load_tower, tower_embedding  # noqa: E402
+from geochat.train.dual_encoder import RETRIEVAL_DIR, load_tower, tower_embedding, tower_weights  # noqa: E402
 
 
 def main() -> int:
@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     towers = {"chat tower (vision/)": args.model}
-    if (args.model / RETRIEVAL_DIR / "vision" / "model.safetensors").is_file():
+    if tower_weights(args.model / RETRIEVAL_DIR).is_file():
         towers["search tower (retrieval/vision/)"] = args.model / RETRIEVAL_DIR
     pixels = torch.randn(args.batch, 3, 224, 224)
     results = {"threads": torch.get_num_threads(), "batch": args.batch}

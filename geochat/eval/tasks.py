@@ -197,11 +197,11 @@ def load_dual(model: str | None) -> Any:
     from geochat.engine import TRAINED_DEFAULT_DIR
     from geochat.model.config import CONFIG_FILE, AssistantConfig
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
-    from geochat.train.dual_encoder import DualEncoder, TextEncoder, load_tower, search_tower_dir
+    from geochat.train.dual_encoder import DualEncoder, TextEncoder, load_tower, search_tower_dir, tower_weights
 
     directory = Path(model) if model else TRAINED_DEFAULT_DIR
     search = search_tower_dir(directory)
-    if (search / "vision" / "model.safetensors").is_file():
+    if tower_weights(search).is_file():
         tower = load_tower(search)
     elif model:
         raise GeoChatError(f"'{model}' holds no trained vision tower (vision/model.safetensors)")

@@ -129,7 +129,9 @@ class TowerEmbedder:
             raise GeoChatError(f"no trained vision tower in {directory} ({vision}/config.json missing)")
         self.directory = directory
         self.name = tower_name(directory)
-        weights = vision / "model.safetensors"  # a retrained tower in the same directory has another digest
+        from geochat.train.dual_encoder import tower_weights
+
+        weights = tower_weights(directory)  # a retrained tower in the same directory has another digest
         self.weights = _digest(weights)[:16] if weights.is_file() else ""
         self.dim = int(GeoHybridVisionConfig.from_pretrained(vision).projection_dim)
         self._text = TextEmbedder()
@@ -164,10 +166,10 @@ def image_embedder_from_name(name: str) -> ImageEmbedder:
 
 def auto_embedder_name() -> str:
     """What `auto` means today: the default model's search tower, else the bare stem."""
-    from geochat.train.dual_encoder import search_tower_dir
+    from geochat.train.dual_encoder import search_tower_dir, tower_weights
 
     directory = search_tower_dir(TRAINED_DEFAULT_DIR)
-    return tower_name(directory) if (directory / "vision" / "model.safetensors").is_file() else STEM_EMBEDDER
+    return tower_name(directory) if tower_weights(directory).is_file() else STEM_EMBEDDER
 
 
 def tower_name(directory: Path) -> str:

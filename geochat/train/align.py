@@ -99,14 +99,16 @@ def build_tower(recipe: Recipe, overrides: dict | None = None, start: Path | Non
 
 def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: object | None = None,
               resume: bool = False, progress: bool = True, stop_after: int | None = None,
-              start: Path | None = None, stage: str = "align") -> GeoHybridVisionModel:
-    """Train the tower contrastively: the align stage, or (`stage="retrieval"`, a `RetrievalConfig`) the
+              start: Path | None = None) -> GeoHybridVisionModel:
+    """Train the tower contrastively: the align stage, or (a `RetrievalConfig`) the retrieval stage's
     search tower with its `vision` overrides, from `start`'s tower if given."""
+    overrides = cfg.vision if isinstance(cfg, RetrievalConfig) else None  # None: the align stage
+    stage = "align" if overrides is None else "retrieval"
     ann = recipe.path(cfg.annotations)
     seed = recipe.run.seed
     cache_dir = recipe.path(recipe.run.cache_dir) if recipe.run.cache_dir else cache_root() / "align"
     mean, std = recipe.assistant_config("align").image_mean, recipe.assistant_config("align").image_std
-    tower = build_tower(recipe, cfg.vision if isinstance(cfg, RetrievalConfig) else None, start)
+    tower = build_tower(recipe, overrides, start)
     text_encoder = TextEncoder()
     if tower.config.projection_dim != text_encoder.dim:
         raise ValueError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")

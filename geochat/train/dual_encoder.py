@@ -103,21 +103,26 @@ def save_tower(tower: GeoHybridVisionModel, directory: Path) -> Path:
     return out
 
 
+def tower_weights(directory: Path) -> Path:
+    """The trained weights file of the tower saved under `directory` (it may not exist)."""
+    return directory / VISION_DIR / "model.safetensors"
+
+
 def search_tower_dir(directory: Path) -> Path:
     """Where the dual encoder's tower lives: `directory/retrieval/` when a retrieval stage made one."""
     search = directory / RETRIEVAL_DIR
-    return search if (search / VISION_DIR / "model.safetensors").is_file() else directory
+    return search if tower_weights(search).is_file() else directory
 
 
 def load_tower(directory: Path) -> GeoHybridVisionModel:
     """The hybrid tower saved under `directory/vision/` (an align output or an assistant directory)."""
-    vision = directory / VISION_DIR
-    if not (vision / "model.safetensors").is_file():
-        raise ModelLoadError(f"'{directory}' holds no trained vision tower ({vision}/model.safetensors missing)")
+    vision, weights = directory / VISION_DIR, tower_weights(directory)
+    if not weights.is_file():
+        raise ModelLoadError(f"'{directory}' holds no trained vision tower ({weights} missing)")
     config = GeoHybridVisionConfig.from_pretrained(vision)
     tower = GeoHybridVisionModel(config)
     tower.load_stem_weights()
-    result = tower.load_state_dict(load_file(str(vision / "model.safetensors")), strict=False)
+    result = tower.load_state_dict(load_file(str(weights)), strict=False)
     missing = [k for k in result.missing_keys if tower.is_saved_weight(k)]
     if missing or result.unexpected_keys:
         raise ModelLoadError(f"vision weights in {vision} do not fit: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")

@@ -63,8 +63,7 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
             else:
                 assert recipe.retrieval is not None
                 start = out / "align" if recipe.align is not None and recipe.retrieval.from_align else None
-                run_align(recipe, recipe.retrieval, directory, accelerator, resume, progress, stop_after, start,
-                          stage)
+                run_align(recipe, recipe.retrieval, directory, accelerator, resume, progress, stop_after, start)
         else:
             from geochat.train.chat import run_chat_stage
 
