@@ -203,7 +203,7 @@ def test_trainable_stem_tail_computes_what_the_frozen_stem_does() -> None:
     assert tail.is_saved_weight("stem._conv_head.weight") and not frozen.is_saved_weight("stem._conv_head.weight")
     assert not tail.is_saved_weight("stem._blocks.14._project_conv.weight")
     with pytest.raises(ValueError, match="trainable_stem_blocks"):
-        GeoHybridVisionConfig(trainable_stem_blocks=5)
+        GeoHybridVisionConfig(trainable_stem_blocks=17)
 
 
 def test_stem_cache_of_a_rotation_is_the_stem_of_the_turned_image(tmp_path: Path, data: Path) -> None:
@@ -264,6 +264,70 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
     # the periodic validation of the retrieval stage reports the four-view metrics
     log = [json.loads(line) for line in (tmp_path / "out" / "retrieval" / "log.jsonl").read_text().splitlines()]
     assert any("t2i_R@10" in r.get("eval", {}) for r in log)
+
+
+def test_augment_gives_a_turned_or_mirrored_image_up_to_brightness_and_contrast() -> None:
+    from geochat.train.align import augment
+
+    torch.manual_seed(0)
+    image = (torch.rand(1, 32, 32, 3) * 255).to(torch.uint8).repeat(16, 1, 1, 1)
+    out = augment(image, [0, 1, 2, 3], (0.5,) * 3, (0.5,) * 3, crop_min=1.0)
+    plain = image[0].permute(2, 0, 1).float()
+    views = [torch.rot90(v, k, dims=(1, 2)) for v in (plain, plain.flip(2)) for k in range(4)]
+
+    def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        return float(a @ b / (a.norm() * b.norm()))
+
+    best = [max(range(8), key=lambda j, o=o: corr(o, views[j])) for o in out]
+    assert all(corr(o, views[j]) > 0.99 for o, j in zip(out, best, strict=True))  # no crop: only colour moves
+    assert len(set(best)) >= 4  # turns and mirrors vary within a batch
+    cropped = augment(image, [0], (0.5,) * 3, (0.5,) * 3, crop_min=0.3)
+    assert max(corr(o, v) for o in cropped for v in views) < 0.99  # crops zoom in
+
+
+def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path, data: Path,
+                                                                   tiny_llm_dir: Path) -> None:
+    from geochat.eval.tasks import load_dual
+    from geochat.model.weights import efficientnet_lite0_safetensors
+    from geochat.train.pack import read_pack, train_from_pack, write_pack
+
+    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
+    retrieval = {**_align(data, steps=2)["align"], "rotations": 4, "stem_lr_scale": 0.5,
+                 "vision": {"trainable_stem_blocks": 16}}
+    path = _recipe(tmp_path, data, tiny_llm_dir, {"retrieval": retrieval})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["vision"] = vision
+    path.write_text(yaml.safe_dump(recipe))
+    final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
+
+    search_tower = load_file(str(final / "retrieval" / "vision" / "model.safetensors"))
+    imagenet = load_file(str(efficientnet_lite0_safetensors()))
+    key = "_blocks.0._depthwise_conv.weight"
+    assert not torch.allclose(search_tower[f"stem.{key}"], imagenet[key])  # the first block trained too
+    assert "stem._conv_stem.weight" not in search_tower  # the frozen first convolution is not saved
+    assert not list((tmp_path / "cache").glob("stem-*.npy"))  # from pixels: no stem cache
+    assert load_dual(str(final)).tower.config.trainable_stem_blocks == 16
+    log = [json.loads(line) for line in (tmp_path / "out" / "retrieval" / "log.jsonl").read_text().splitlines()]
+    assert any("t2i_R@10" in r.get("eval", {}) for r in log)
+
+    # a pack carries the same data: WebP images, int8 caption embeddings, the stem's tensors
+    pack = write_pack(load_recipe(path), tmp_path / "pack", quality=90, progress=False)
+    packed, stem = read_pack(pack, [0, 1, 2, 3])
+    assert packed.train.arrays[0].shape == (5, 64, 64, 3) and packed.val is not None and len(packed.val) == 2
+    assert torch.allclose(stem["_blocks.0._depthwise_conv.weight"], imagenet[key], atol=1e-3)
+    from geochat.train.align import load_align_data
+    from geochat.train.dual_encoder import TextEncoder
+
+    original = load_align_data(load_recipe(path), load_recipe(path).retrieval, load_dual(str(final)).tower,
+                               TextEncoder(), progress=False)
+    assert np.min(np.sum(packed.text * original.text, axis=1)) > 0.999
+    diff = np.abs(packed.train.arrays[0].astype(int) - original.train.arrays[0]).mean(axis=(1, 2, 3))
+    assert diff.max() < 25  # lossy (noise is WebP's worst case); another image would differ by ~85
+    out = train_from_pack(load_recipe(path), pack, tmp_path / "from-pack", progress=False)
+    assert load_file(str(out / "vision" / "model.safetensors")).keys() == search_tower.keys()
+    without_val = write_pack(load_recipe(path), tmp_path / "pack2", val_images=False, progress=False)
+    assert read_pack(without_val, [0])[0].val is None
 
 
 def test_align_recipe_with_labels_runs_and_validates(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:

@@ -16,14 +16,17 @@ The model is a regular `PreTrainedModel` registered with `AutoConfig`/`AutoModel
 and it saves/loads like any HF vision model. `stem="conv"` swaps the EfficientNet for a tiny
 randomly initialised conv stem so unit tests need no weights.
 
-`trainable_stem_blocks = k > 0` unfreezes the stem's last k MBConv blocks and its 1×1 conv head
-(all at 1/32 resolution, so k ≤ 4). `stem_features` then returns the frozen part's output, the
-input of those blocks ((B, N, 192) for Lite0), which is what the align stages cache; `forward`
-runs the trainable tail on it. BatchNorm statistics stay ImageNet's (the stem is always in eval mode).
+`trainable_stem_blocks = k > 0` unfreezes the stem's last k MBConv blocks (of 16) and its 1×1 conv
+head. `stem_features` then returns the frozen part's output, the input of those blocks, and
+`forward` runs the trainable tail on it. For k ≤ 4 (`CACHEABLE_TAIL`: the blocks at 1/32
+resolution) that input is a small (B, 49, 192) map which the align stages cache on disk; a larger k
+trains from pixels (every block, k = 16, on a GPU). BatchNorm statistics stay ImageNet's (the stem is
+always in eval mode).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -33,7 +36,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 EFFICIENTNET_CHANNELS = 1280  # EfficientNet-Lite0 conv head output
 STEM_STRIDE = 32
-MAX_TRAINABLE_STEM_BLOCKS = 4  # EfficientNet-Lite0's blocks 12-15 run at 1/32 resolution
+EFFICIENTNET_BLOCKS = 16  # EfficientNet-Lite0's MBConv blocks
+CACHEABLE_TAIL = 4  # its blocks 12-15 run at 1/32 resolution: their input is small enough to cache
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (TF builder: mean 127, std 128).
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
@@ -63,8 +67,8 @@ class GeoHybridVisionConfig(PreTrainedConfig):
             raise ValueError(f"image_size must be a multiple of {STEM_STRIDE}, got {self.image_size}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
-        if not 0 <= self.trainable_stem_blocks <= MAX_TRAINABLE_STEM_BLOCKS:
-            raise ValueError(f"trainable_stem_blocks must be 0..{MAX_TRAINABLE_STEM_BLOCKS}, "
+        if not 0 <= self.trainable_stem_blocks <= EFFICIENTNET_BLOCKS:
+            raise ValueError(f"trainable_stem_blocks must be 0..{EFFICIENTNET_BLOCKS}, "
                              f"got {self.trainable_stem_blocks}")
         if self.trainable_stem_blocks and self.stem != "efficientnet-lite0":
             raise ValueError("trainable_stem_blocks applies to the efficientnet-lite0 stem only")
@@ -171,17 +175,18 @@ class GeoHybridVisionModel(PreTrainedModel):
             self.stem.eval()
         return self
 
-    def load_stem_weights(self) -> None:
-        """Load the shipped ImageNet EfficientNet-Lite0 weights into the frozen stem."""
+    def load_stem_weights(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        """Load the shipped ImageNet EfficientNet-Lite0 weights (or `state`, the same tensors) into the stem."""
         if not self.stem_is_frozen:
             return
-        from safetensors.torch import load_file
+        if state is None:
+            from safetensors.torch import load_file
 
-        from geochat.model.weights import efficientnet_lite0_safetensors
+            from geochat.model.weights import efficientnet_lite0_safetensors
 
-        state = load_file(str(efficientnet_lite0_safetensors()))
+            state = load_file(str(efficientnet_lite0_safetensors()))
         missing, unexpected = self.stem.load_state_dict(state, strict=False)
-        real_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        real_missing = [k for k in missing if not k.endswith("num_batches_tracked") and not k.startswith("_fc.")]
         if real_missing or unexpected:
             raise RuntimeError(f"EfficientNet-Lite0 weights do not fit: missing {real_missing}, unexpected {unexpected}")
 
@@ -209,7 +214,7 @@ class GeoHybridVisionModel(PreTrainedModel):
         if not self.config.trainable_stem_blocks:
             return features
         stem: Any = self.stem
-        side = self.config.image_size // STEM_STRIDE
+        side = math.isqrt(features.shape[1])
         fmap = features.transpose(1, 2).reshape(len(features), -1, side, side).to(stem._conv_head.weight.dtype)
         for block in stem._blocks[-self.config.trainable_stem_blocks :]:
             fmap = block(fmap)
@@ -229,12 +234,12 @@ class GeoHybridVisionModel(PreTrainedModel):
             if pixel_values is None:
                 raise ValueError("pass pixel_values or stem_features")
             stem_features = self.stem_features(pixel_values)
+        stem_features = self.stem_tail(stem_features)
         if stem_features.shape[1] != self.config.num_patches:
             raise ValueError(
                 f"expected {self.config.num_patches} patches ({self.config.image_size}px input), "
                 f"got {stem_features.shape[1]}"
             )
-        stem_features = self.stem_tail(stem_features)
         dtype = self.patch_embed.weight.dtype
         hidden = self.patch_embed(stem_features.to(dtype)) + self.position_embedding  # (B, N, D)
         states = [hidden]

@@ -16,14 +16,23 @@ from PIL import Image
 from geochat.imagery import pad_to_square
 
 
+def square_resized(rgb: np.ndarray, image_size: int) -> np.ndarray:
+    """(h, w, 3) uint8 → (image_size, image_size, 3) uint8: padded to a square, then resized (bicubic)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+    square, _ = pad_to_square(rgb)
+    return np.asarray(Image.fromarray(square).resize((image_size, image_size), Image.Resampling.BICUBIC))
+
+
+def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, S, S) values in [0, 1] → the tower's input scale."""
+    shape = (1, 3, 1, 1)
+    return (pixels - torch.tensor(mean, device=pixels.device).view(shape)) / torch.tensor(std, device=pixels.device).view(shape)
+
+
 def to_pixel_values(
     rgb: np.ndarray, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """(h, w, 3) uint8 → (1, 3, image_size, image_size) float32, normalised."""
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
-    square, _ = pad_to_square(rgb)
-    resized = Image.fromarray(square).resize((image_size, image_size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    return x.unsqueeze(0)
+    x = torch.from_numpy(square_resized(rgb, image_size).astype(np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    return normalise(x.unsqueeze(0), mean, std)

@@ -1,6 +1,7 @@
 """Align stage: the hybrid tower's pooled head learns MiniLM's caption space (CLIP loss).
 
     cached stem features (B, N, C) ─► tower blocks + head ─► normalise ─► image z (B, D)
+    (training from pixels, `trainable_stem_blocks` > 4: augmented images ─► the whole tower)
     cached MiniLM caption embeddings, one random caption per image ─► text t (B, D)
     logits = exp(s) · z tᵀ ;  loss = (CE(logits, diag) + CE(logitsᵀ, diag)) / 2
     with `label_weight` w > 0:  loss += w · CE(exp(s) · z Lᵀ, label)   (L: the label-prompt embeddings)
@@ -24,6 +25,7 @@ import json
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +33,21 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from geochat.eval.metrics import retrieval_recalls
-from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+from geochat.model.hybrid_tower import CACHEABLE_TAIL, GeoHybridVisionConfig, GeoHybridVisionModel
+from geochat.model.processor import normalise, square_resized
 from geochat.paths import cache_root
 from geochat.train.dual_encoder import (
-    VISION_DIR,
     TextEncoder,
     label_embeddings,
     mean_of_views,
     quarter_turns,
     save_tower,
+    tower_weights,
 )
-from geochat.train.features import cache_stem_features, cache_text_embeddings
+from geochat.train.features import cache_stem_features, cache_text_embeddings, read_rgb
 from geochat.train.loop import Trainer
 from geochat.train.recipe import AlignConfig, Recipe, RetrievalConfig
 
@@ -58,16 +62,18 @@ class AlignModel(nn.Module):
         self.tower = tower
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
 
-    def embed(self, stem_features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.tower(stem_features=stem_features).pooler_output, dim=-1)  # (B, D)
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Unit vectors (B, D) of pixel values (B, 3, S, S) or cached stem features (B, N, C)."""
+        out = self.tower(pixel_values=inputs) if inputs.ndim == 4 else self.tower(stem_features=inputs)
+        return F.normalize(out.pooler_output, dim=-1)
 
-    def forward(self, stem_features: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, inputs: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
                 label_emb: torch.Tensor | None = None, label_weight: float = 0.0) -> torch.Tensor:
         """The loss of a batch (a forward, so that data-parallel wrappers see the call)."""
-        z = self.embed(stem_features)
+        z = self.embed(inputs)
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
         logits = scale * z @ text.T  # (B, B)
-        target = torch.arange(len(z))
+        target = torch.arange(len(z), device=z.device)
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
         if label_weight and labels is not None and label_emb is not None:
             loss = loss + label_weight * F.cross_entropy(scale * z @ label_emb.T, labels, ignore_index=-1)
@@ -84,34 +90,81 @@ def subset(n: int, k: int | None, seed: int) -> list[int]:
     return list(range(n)) if k is None or k >= n else sorted(random.Random(seed).sample(range(n), k))
 
 
-def build_tower(recipe: Recipe, overrides: dict | None = None, start: Path | None = None) -> GeoHybridVisionModel:
-    """The recipe's tower (`model.vision` + `overrides`), from `start`'s trained weights if given."""
+def build_tower(recipe: Recipe, overrides: dict | None = None, start: Path | None = None,
+                stem_state: dict[str, torch.Tensor] | None = None) -> GeoHybridVisionModel:
+    """The recipe's tower (`model.vision` + `overrides`), from `start`'s trained weights if given
+    (`stem_state`: the ImageNet stem's tensors, where its package is not installed)."""
     kwargs = {k: v for k, v in {**recipe.model.vision, **(overrides or {})}.items() if k != "model_type"}
     torch.manual_seed(recipe.run.seed)
     tower = GeoHybridVisionModel(GeoHybridVisionConfig(**kwargs))
-    tower.load_stem_weights()
+    tower.load_stem_weights(stem_state)
     if start is not None:
-        result = tower.load_state_dict(load_file(str(start / VISION_DIR / "model.safetensors")), strict=False)
+        result = tower.load_state_dict(load_file(str(tower_weights(start))), strict=False)
         if result.unexpected_keys:
             raise ValueError(f"the tower in {start} does not fit: unexpected {result.unexpected_keys[:5]}")
     return tower
 
 
-def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: object | None = None,
-              resume: bool = False, progress: bool = True, stop_after: int | None = None,
-              start: Path | None = None) -> GeoHybridVisionModel:
-    """Train the tower contrastively: the align stage, or (a `RetrievalConfig`) the retrieval stage's
-    search tower with its `vision` overrides, from `start`'s tower if given."""
-    overrides = cfg.vision if isinstance(cfg, RetrievalConfig) else None  # None: the align stage
-    stage = "align" if overrides is None else "retrieval"
+def from_pixels(tower: GeoHybridVisionModel) -> bool:
+    """Whether the stage trains on pixels: trainable blocks above 1/32 resolution cannot be cached."""
+    return tower.config.trainable_stem_blocks > CACHEABLE_TAIL
+
+
+@dataclass
+class ImageSet:
+    """A split's images as a stage sees them: one cached stem-feature array (n, N, C) per quarter turn
+    of `turns`, or, training from pixels, `[(n, S, S, 3) uint8]` (turned on the fly)."""
+
+    arrays: list[np.ndarray]
+    turns: list[int]
+
+    def __len__(self) -> int:
+        return len(self.arrays[0])
+
+
+@dataclass
+class AlignData:
+    """Everything a contrastive stage trains and validates on, the frozen encoders' outputs included.
+
+    `text[a:b]` for `(a, b) = spans[i]` are image i's caption embeddings; `label_idx[i]` indexes
+    `label_emb` (-1: no label). `val_*` describe the validation images (`val` None: no validation).
+    """
+
+    train: ImageSet
+    text: np.ndarray
+    spans: list[tuple[int, int]]
+    label_idx: np.ndarray | None
+    label_emb: np.ndarray | None
+    val: ImageSet | None = None
+    val_captions: np.ndarray | None = None
+    val_caption_image: list[int] = field(default_factory=list)
+    val_labels: list[str | None] = field(default_factory=list)
+    val_label_names: list[str] = field(default_factory=list)
+    val_label_emb: np.ndarray | None = None
+
+
+def decode_images(paths: list[Path], size: int, progress: bool = True) -> np.ndarray:
+    """(n, size, size, 3) uint8: each image padded to a square and resized, as `to_pixel_values` does."""
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, path in enumerate(tqdm(paths, desc="decoding images", disable=not progress, unit="img")):
+        out[i] = square_resized(read_rgb(path), size)
+    return out
+
+
+def load_align_data(recipe: Recipe, cfg: AlignConfig, tower: GeoHybridVisionModel, text_encoder: TextEncoder,
+                    progress: bool = True) -> AlignData:
+    """Read `cfg.annotations` and encode what stays frozen: captions and labels (MiniLM), and either the
+    stem's features of each quarter turn (cached on disk) or, training from pixels, the decoded images."""
     ann = recipe.path(cfg.annotations)
     seed = recipe.run.seed
     cache_dir = recipe.path(recipe.run.cache_dir) if recipe.run.cache_dir else cache_root() / "align"
     mean, std = recipe.assistant_config("align").image_mean, recipe.assistant_config("align").image_std
-    tower = build_tower(recipe, overrides, start)
-    text_encoder = TextEncoder()
-    if tower.config.projection_dim != text_encoder.dim:
-        raise ValueError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")
+    turns = quarter_turns(cfg.rotations)
+
+    def images(paths: list[Path]) -> ImageSet:
+        if from_pixels(tower):
+            return ImageSet([decode_images(paths, tower.config.image_size, progress)], turns)
+        return ImageSet([cache_stem_features(tower, paths, cache_dir, mean, std, progress, k) for k in turns], turns)
 
     train_rows = _rows(ann, cfg.split)
     if len(train_rows) < 2:
@@ -120,76 +173,146 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
     starts = np.cumsum([0] + [len(r["captions"]) for r in train_rows])
     text_all = cache_text_embeddings(all_captions, cache_dir, text_encoder.directory, progress)  # (captions, D)
     picked = subset(len(train_rows), cfg.max_images, seed)
-    images = [(ann.parent / train_rows[i]["image"]).resolve() for i in picked]
-    turns = quarter_turns(cfg.rotations)
-    stems = [cache_stem_features(tower, images, cache_dir, mean, std, progress, k) for k in turns]  # (n, N, C) f16
-    spans = [(int(starts[i]), int(starts[i + 1])) for i in picked]
-
+    data = AlignData(
+        train=images([(ann.parent / train_rows[i]["image"]).resolve() for i in picked]),
+        text=text_all, spans=[(int(starts[i]), int(starts[i + 1])) for i in picked], label_idx=None, label_emb=None,
+    )
     label_names = sorted({str(r["label"]) for r in train_rows if r.get("label")})
-    label_emb = label_idx = None
     if cfg.label_weight:
         if len(label_names) < 2:
             raise ValueError(f"{ann}: label_weight needs at least 2 labels in split {cfg.split!r}")
-        label_emb = torch.from_numpy(label_embeddings(text_encoder, label_names))
+        data.label_emb = label_embeddings(text_encoder, label_names)
         index = {name: k for k, name in enumerate(label_names)}
-        label_idx = np.array([index.get(str(train_rows[i].get("label")), -1) for i in picked])
+        data.label_idx = np.array([index.get(str(train_rows[i].get("label")), -1) for i in picked])
+
+    val_rows = _rows(ann, cfg.val_split) if cfg.val_split else []
+    if val_rows:
+        val_rows = [val_rows[i] for i in subset(len(val_rows), cfg.val_max, seed)]
+        data.val = images([(ann.parent / r["image"]).resolve() for r in val_rows])
+        data.val_captions = text_encoder.encode([c for r in val_rows for c in r["captions"]])
+        data.val_caption_image = [i for i, r in enumerate(val_rows) for _ in r["captions"]]
+        data.val_labels = [r.get("label") for r in val_rows]
+        data.val_label_names = sorted({r["label"] for r in val_rows if r.get("label")})
+        if len(data.val_label_names) > 1:
+            data.val_label_emb = label_embeddings(text_encoder, data.val_label_names)
+    return data
+
+
+def augment(pixels: torch.Tensor, turns: list[int], mean: tuple, std: tuple, crop_min: float) -> torch.Tensor:
+    """(B, S, S, 3) uint8 → (B, 3, S, S) normalised views for training from pixels: one sampling grid per
+    image does a random crop (area `crop_min`..1, aspect 3:4..4:3) resized back to S, a random mirror and
+    a random quarter turn from `turns`; then ±20 % brightness and contrast."""
+    b, s = pixels.shape[0], pixels.shape[1]
+    x = pixels.permute(0, 3, 1, 2).float() / 255.0
+    dev = x.device
+    area = torch.empty(b, device=dev).uniform_(crop_min, 1.0)
+    low, high = area.log().clamp(min=math.log(3 / 4)), (-area.log()).clamp(max=math.log(4 / 3))  # crop inside
+    aspect = (low + (high - low) * torch.rand(b, device=dev)).exp()
+    sx, sy = (area * aspect).sqrt(), (area / aspect).sqrt()
+    mirror = torch.randint(0, 2, (b,), device=dev).float() * 2 - 1
+    scale = torch.zeros(b, 2, 2, device=dev)
+    scale[:, 0, 0], scale[:, 1, 1] = sx * mirror, sy
+    turn = torch.tensor(turns, device=dev)[torch.randint(0, len(turns), (b,), device=dev)].float() * (math.pi / 2)
+    cos, sin = turn.cos().round(), turn.sin().round()
+    rotate = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)  # (B, 2, 2)
+    shift = (1 - torch.stack([sx, sy], -1)) * (torch.rand(b, 2, device=dev) * 2 - 1)  # crop centre
+    theta = torch.cat([rotate @ scale, shift.unsqueeze(-1)], dim=2)
+    grid = F.affine_grid(theta, [b, 3, s, s], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    contrast = torch.empty(b, 1, 1, 1, device=dev).uniform_(0.8, 1.2)
+    brightness = torch.empty(b, 1, 1, 1, device=dev).uniform_(0.8, 1.2)
+    grey = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (((x - grey) * contrast + grey) * brightness).clamp(0.0, 1.0)
+    return normalise(x, mean, std)
+
+
+def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: object | None = None,
+              resume: bool = False, progress: bool = True, stop_after: int | None = None,
+              start: Path | None = None, data: AlignData | None = None,
+              stem_state: dict[str, torch.Tensor] | None = None) -> GeoHybridVisionModel:
+    """Train the tower contrastively: the align stage, or (a `RetrievalConfig`) the retrieval stage's
+    search tower with its `vision` overrides, from `start`'s tower if given. `data` (e.g. from a pack,
+    `geochat.train.pack`) replaces reading the annotations and running the frozen encoders."""
+    overrides = cfg.vision if isinstance(cfg, RetrievalConfig) else None  # None: the align stage
+    stage = "align" if overrides is None else "retrieval"
+    seed = recipe.run.seed
+    mean, std = recipe.assistant_config("align").image_mean, recipe.assistant_config("align").image_std
+    tower = build_tower(recipe, overrides, start, stem_state)
+    if data is None:
+        text_encoder = TextEncoder()
+        if tower.config.projection_dim != text_encoder.dim:
+            raise ValueError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")
+        data = load_align_data(recipe, cfg, tower, text_encoder, progress)
+    pixels = from_pixels(tower)
 
     model = AlignModel(tower, cfg.temperature)
     trainer = Trainer(stage, model, cfg.optim, recipe.run, directory, accelerator,
                       lr_scales={"tower.stem.": cfg.stem_lr_scale})
     if resume:
         trainer.load_checkpoint()
+    device = next(trainer.module.parameters()).device
     bs = cfg.optim.batch_size
+    train = data.train
+    # training from pixels: the decoded images on the GPU once, if there is one (augmenting there is cheap)
+    on_device = torch.from_numpy(np.ascontiguousarray(train.arrays[0])).to(device) if pixels else None
+    text_all = torch.from_numpy(np.asarray(data.text, dtype=np.float32)).to(device)
+    label_emb = torch.from_numpy(data.label_emb).to(device) if data.label_emb is not None else None
 
     def loss_fn(micro_step: int) -> torch.Tensor:
         from geochat.train.loop import batch_indices
 
         rng = np.random.RandomState(seed + micro_step)
-        idx = batch_indices(len(images), bs, micro_step, seed)
-        cap = [rng.randint(*spans[i]) for i in idx]
-        view = rng.randint(len(stems), size=len(idx))
+        idx = batch_indices(len(train), bs, micro_step, seed)
+        cap = [rng.randint(*data.spans[i]) for i in idx]
+        view = rng.randint(len(train.arrays), size=len(idx))
         keep = trainer.shard(list(range(len(idx))))
         idx, cap, view = [idx[k] for k in keep], [cap[k] for k in keep], view[keep]
-        feats = torch.from_numpy(np.stack([np.asarray(stems[v][i], dtype=np.float32)
-                                           for i, v in zip(idx, view, strict=True)]))
-        labels = torch.from_numpy(label_idx[idx]) if label_idx is not None else None
-        with torch.autocast(feats.device.type, dtype=torch.bfloat16, enabled=recipe.run.autocast == "bf16"):
-            return trainer.module(feats, torch.from_numpy(text_all[cap]), labels, label_emb, cfg.label_weight)
+        if on_device is not None:
+            inputs = augment(on_device[torch.tensor(idx, device=device)], train.turns, mean, std, cfg.crop_min)
+        else:
+            inputs = torch.from_numpy(np.stack([np.asarray(train.arrays[v][i], dtype=np.float32)
+                                                for i, v in zip(idx, view, strict=True)])).to(device)
+        labels = torch.from_numpy(data.label_idx[idx]).to(device) if data.label_idx is not None else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.run.autocast == "bf16"):
+            return trainer.module(inputs, text_all[torch.tensor(cap, device=device)], labels, label_emb,
+                                  cfg.label_weight)
 
-    eval_fn = None
-    if cfg.val_split:
-        eval_fn = _val_fn(model, ann, cfg, tower, text_encoder, cache_dir, mean, std, seed, progress, turns)
+    eval_fn = _val_fn(model, data, device, mean, std) if data.val is not None else None
     trainer.fit(loss_fn, eval_fn, progress, stop_after)
     if trainer.is_main:
-        save_tower(tower, directory)
+        save_tower(tower.cpu(), directory)
         trainer.plot()
     return tower
 
 
-def _val_fn(model: AlignModel, ann: Path, cfg: AlignConfig, tower: GeoHybridVisionModel, text: TextEncoder,
-            cache_dir: Path, mean: tuple, std: tuple, seed: int, progress: bool,
-            turns: list[int]) -> Callable[[], dict[str, float]] | None:
-    rows = _rows(ann, cfg.val_split)
-    if not rows:
-        return None
-    rows = [rows[i] for i in subset(len(rows), cfg.val_max, seed)]
-    paths = [(ann.parent / r["image"]).resolve() for r in rows]
-    stems = [torch.from_numpy(np.asarray(cache_stem_features(tower, paths, cache_dir, mean, std, progress, k),
-                                         dtype=np.float32)) for k in turns]
-    captions = [c for r in rows for c in r["captions"]]
-    caption_image = [i for i, r in enumerate(rows) for _ in r["captions"]]
-    caption_emb = text.encode(captions)
-    labels = sorted({r["label"] for r in rows if r.get("label")})
-    label_emb = None
-    if len(labels) > 1:
-        label_emb = label_embeddings(text, labels)
+VAL_BATCH = 64
+
+
+def _val_fn(model: AlignModel, data: AlignData, device: torch.device, mean: tuple,
+            std: tuple) -> Callable[[], dict[str, float]]:
+    assert data.val is not None and data.val_captions is not None
+    val, captions = data.val, data.val_captions
+
+    def embed_view(k: int, view: int) -> torch.Tensor:
+        """Unit vectors of every val image at quarter turn `val.turns[view]`."""
+        out = []
+        for a in range(0, len(val), VAL_BATCH):
+            if from_pixels(model.tower):  # decoded pixels, turned here
+                x = torch.from_numpy(np.ascontiguousarray(val.arrays[0][a : a + VAL_BATCH])).to(device)
+                x = torch.rot90(normalise(x.permute(0, 3, 1, 2).float() / 255.0, mean, std), k, dims=(2, 3))
+            else:
+                x = torch.from_numpy(np.asarray(val.arrays[view][a : a + VAL_BATCH], dtype=np.float32)).to(device)
+            out.append(model.embed(x).float().cpu())
+        return torch.cat(out)
 
     def eval_fn() -> dict[str, float]:
-        z = mean_of_views([model.embed(stem) for stem in stems]).numpy()  # as in use (`tower_embedding`)
-        out = {k: v for k, v in retrieval_recalls(z, caption_emb, caption_image).items() if k in ("t2i_R@1", "t2i_R@10")}
-        if label_emb is not None:
-            pred = (z @ label_emb.T).argmax(1)
-            out["zero_shot_acc"] = float(np.mean([labels[p] == r.get("label") for p, r in zip(pred, rows, strict=False)]))
+        z = mean_of_views([embed_view(k, v) for v, k in enumerate(val.turns)]).numpy()  # as in use
+        recalls = retrieval_recalls(z, captions, data.val_caption_image)
+        out = {k: v for k, v in recalls.items() if k in ("t2i_R@1", "t2i_R@10")}
+        if data.val_label_emb is not None:
+            pred = (z @ data.val_label_emb.T).argmax(1)
+            names = data.val_label_names
+            out["zero_shot_acc"] = float(np.mean([names[p] == label for p, label in zip(pred, data.val_labels, strict=True)]))
         return out
 
     return eval_fn

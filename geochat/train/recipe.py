@@ -61,6 +61,7 @@ class AlignConfig:
     label_weight: float = 0.0         # weight of a supervised term: image ↔ its label's prompts (needs labels)
     rotations: int = 1                # 1, 2 or 4: each step shows an image at one of these quarter turns
     stem_lr_scale: float = 1.0        # learning-rate multiplier of the stem's trainable blocks, if any
+    crop_min: float = 0.5             # training from pixels: smallest area of a random crop (1: no crops)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -68,6 +69,8 @@ class AlignConfig:
             raise ValueError("rotations must be 1, 2 or 4")
         if self.stem_lr_scale <= 0:
             raise ValueError("stem_lr_scale must be > 0")
+        if not 0 < self.crop_min <= 1:
+            raise ValueError("crop_min must be in (0, 1]")
         if self.max_images is not None and self.max_images < 2:
             raise ValueError("align.max_images must be >= 2")
         if self.label_weight < 0:
