@@ -326,6 +326,11 @@ def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path
     assert diff.max() < 25  # lossy (noise is WebP's worst case); another image would differ by ~85
     out = train_from_pack(load_recipe(path), pack, tmp_path / "from-pack", progress=False)
     assert load_file(str(out / "vision" / "model.safetensors")).keys() == search_tower.keys()
+    cached = yaml.safe_load(path.read_text())
+    cached["retrieval"]["vision"]["trainable_stem_blocks"] = 4
+    path.write_text(yaml.safe_dump(cached))
+    with pytest.raises(ValueError, match="above 4"):  # a pack holds pixels, not cached stem features
+        train_from_pack(load_recipe(path), pack, tmp_path / "cached", progress=False)
     without_val = write_pack(load_recipe(path), tmp_path / "pack2", val_images=False, progress=False)
     assert read_pack(without_val, [0])[0].val is None
 

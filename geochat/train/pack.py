@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from geochat.train.align import AlignData, ImageSet, build_tower, from_pixels, load_align_data, run_align
+from geochat.model.hybrid_tower import CACHEABLE_TAIL
+from geochat.train.align import AlignData, ImageSet, build_tower, load_align_data, run_align
 from geochat.train.dual_encoder import TextEncoder
 from geochat.train.recipe import Recipe, load_recipe
 from geochat.train.run import _accelerator, _jsonable
@@ -135,11 +136,11 @@ def train_from_pack(recipe: Recipe, pack: Path, output: Path, progress: bool = T
     cfg = recipe.retrieval
     if cfg is None:
         raise ValueError("the recipe has no retrieval section")
+    if {**recipe.model.vision, **cfg.vision}.get("trainable_stem_blocks", 0) <= CACHEABLE_TAIL:
+        raise ValueError(f"a pack holds pixels: set retrieval.vision.trainable_stem_blocks above {CACHEABLE_TAIL}")
     data, stem = read_pack(pack, quarter_turns(cfg.rotations))
     directory = output / "retrieval"
-    tower = run_align(recipe, cfg, directory, accelerator, progress=progress, data=data, stem_state=stem)
-    if not from_pixels(tower):
-        raise ValueError("a pack holds pixels: set retrieval.vision.trainable_stem_blocks above 4")
+    run_align(recipe, cfg, directory, accelerator, progress=progress, data=data, stem_state=stem)
     (output / "recipe.json").write_text(json.dumps(_jsonable(recipe), indent=2))
     return directory
 
