@@ -1,6 +1,8 @@
 """Seconds per training step of each stage on the real shipped models (no data needed: random inputs).
 
 - align: the hybrid tower's blocks + head on cached stem features (B × 49 × 1280), CLIP loss;
+- retrieval_pixels: the whole tower trained from pixels (`trainable_stem_blocks: 16`): B augmented
+  224-px images through every EfficientNet block, blocks + head, CLIP loss (bf16 autocast);
 - pretrain / instruct: SmolLM2-135M-Instruct (+LoRA r 16 on every linear layer for instruct) on B
   sequences of L tokens with the image tokens spliced in, loss on the last 32 tokens;
 - instruct_moe: the MoE-LoRA ablation arm (`adapters/ablation-moe-lora.yaml`): LoRA on attention, 4 LoRA
@@ -48,6 +50,23 @@ def main() -> int:
     align = AlignModel(tower, 0.07).train()
     feats, text = torch.randn(args.batch, 49, 1280), torch.nn.functional.normalize(torch.randn(args.batch, 384), dim=-1)
     results["align_s_per_step"] = _time(lambda: align(feats, text).backward(), args.repeats)
+
+    from geochat.train.align import augment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    full = GeoHybridVisionModel(GeoHybridVisionConfig(trainable_stem_blocks=16))
+    full.load_stem_weights()
+    whole = AlignModel(full, 0.07).to(device).train()
+    images = torch.randint(0, 256, (args.batch, 224, 224, 3), dtype=torch.uint8, device=device)
+
+    def pixel_step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = whole(augment(images, [0, 1, 2, 3], (0.5,) * 3, (0.5,) * 3, 0.5), text.to(device))
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    results["retrieval_pixels_s_per_step"] = _time(pixel_step, args.repeats)
 
     attention = ("q_proj", "k_proj", "v_proj", "o_proj")
     mlp = ("gate_proj", "up_proj", "down_proj")
