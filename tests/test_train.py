@@ -331,6 +331,10 @@ def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path
     path.write_text(yaml.safe_dump(cached))
     with pytest.raises(ValueError, match="above 4"):  # a pack holds pixels, not cached stem features
         train_from_pack(load_recipe(path), pack, tmp_path / "cached", progress=False)
+    from geochat.errors import GeoChatError
+
+    with pytest.raises(GeoChatError, match="not a training pack"):
+        read_pack(tmp_path / "out", [0])
     without_val = write_pack(load_recipe(path), tmp_path / "pack2", val_images=False, progress=False)
     assert read_pack(without_val, [0])[0].val is None
 

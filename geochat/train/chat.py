@@ -179,10 +179,6 @@ def init_from(assistant: Assistant, previous: Path | None) -> None:
         projector.load_state_dict(load_file(str(previous / PROJECTOR_FILE)))
 
 
-def _device_type(model: torch.nn.Module) -> str:
-    return next(model.parameters()).device.type
-
-
 def set_trainable(assistant: Assistant, stage: str, cfg: ChatStageConfig) -> None:
     tower, projector = _parts(assistant)
     projector.requires_grad_(True)
@@ -209,11 +205,12 @@ def run_chat_stage(recipe: Recipe, stage: str, cfg: ChatStageConfig, directory: 
     if resume:
         trainer.load_checkpoint()
 
-    device_type, bf16 = _device_type(model), recipe.run.autocast == "bf16"
+    device, bf16 = next(model.parameters()).device, recipe.run.autocast == "bf16"  # after the accelerator moved it
 
     def forward(samples: list[Encoded]) -> torch.Tensor:
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-            loss = answer_loss(trainer.module, collate(samples, assistant, pad_id))
+        batch = {k: v.to(device) for k, v in collate(samples, assistant, pad_id).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = answer_loss(trainer.module, batch)
         if moe_weight:
             aux = collect_aux_loss(model)
             if aux is not None:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from geochat.errors import GeoChatError
 from geochat.model.hybrid_tower import CACHEABLE_TAIL
 from geochat.train.align import AlignData, ImageSet, build_tower, load_align_data, run_align
 from geochat.train.dual_encoder import TextEncoder
@@ -109,6 +110,9 @@ def write_pack(recipe: Recipe, directory: Path, quality: int = 50, val_images: b
 
 def read_pack(directory: Path, turns: list[int]) -> tuple[AlignData, dict[str, torch.Tensor]]:
     """The `AlignData` of a pack (images decoded) and its stem tensors (float32)."""
+    if not (directory / DATA).is_file() or not (directory / STEM).is_file():
+        raise GeoChatError(f"{directory} is not a training pack (it needs {DATA} and {STEM}); "
+                           "write one with `python -m geochat.train.pack write RECIPE.yaml PACK`")
     with np.load(directory / DATA, allow_pickle=False) as z:
         a = {k: z[k] for k in z.files}
     data = AlignData(
