@@ -310,6 +310,13 @@ def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path
     assert load_dual(str(final)).tower.config.trainable_stem_blocks == 16
     log = [json.loads(line) for line in (tmp_path / "out" / "retrieval" / "log.jsonl").read_text().splitlines()]
     assert any("t2i_R@10" in r.get("eval", {}) for r in log)
+    # killed after step 1 and resumed, it ends where the uninterrupted run did (augmentation is seeded per step)
+    with pytest.raises(TrainingInterrupted):
+        run_recipe(load_recipe(path), tmp_path / "killed", progress=False, stop_after=1, use_accelerate=False)
+    resumed = run_recipe(load_recipe(path), tmp_path / "killed", resume=True, progress=False, use_accelerate=False)
+    again = load_file(str(resumed / "retrieval" / "vision" / "model.safetensors"))
+    for k in search_tower:
+        torch.testing.assert_close(again[k], search_tower[k], rtol=0, atol=1e-5)
 
     # a pack carries the same data: WebP images, int8 caption embeddings, the stem's tensors
     pack = write_pack(load_recipe(path), tmp_path / "pack", quality=90, progress=False)
