@@ -286,8 +286,8 @@ def test_augment_gives_a_turned_or_mirrored_image_up_to_brightness_and_contrast(
     assert max(corr(o, v) for o in cropped for v in views) < 0.99  # crops zoom in
 
 
-def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path, data: Path,
-                                                                   tiny_llm_dir: Path) -> None:
+def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path, data: Path, tiny_llm_dir: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     from geochat.eval.tasks import load_dual
     from geochat.model.weights import efficientnet_lite0_safetensors
     from geochat.train.pack import read_pack, train_from_pack, write_pack
@@ -299,7 +299,9 @@ def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path
     recipe = yaml.safe_load(path.read_text())
     recipe["model"]["vision"] = vision
     path.write_text(yaml.safe_dump(recipe))
-    final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
+    with caplog.at_level("WARNING", logger="geochat.train.align"):
+        final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
+    assert "from pixels on the CPU" in caplog.text  # hours on a CPU: the user is told
 
     search_tower = load_file(str(final / "retrieval" / "vision" / "model.safetensors"))
     imagenet = load_file(str(efficientnet_lite0_safetensors()))

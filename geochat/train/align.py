@@ -22,6 +22,7 @@ text→image Recall@1/@10, the numbers the evaluation CLI reports on test.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 from collections.abc import Callable
@@ -51,6 +52,7 @@ from geochat.train.features import cache_stem_features, cache_text_embeddings, r
 from geochat.train.loop import Trainer
 from geochat.train.recipe import AlignConfig, Recipe, RetrievalConfig
 
+log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -252,6 +254,9 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         trainer.load_checkpoint()
     device = next(trainer.module.parameters()).device
     bs = cfg.optim.batch_size
+    if pixels and device.type == "cpu":
+        log.warning("training every EfficientNet block from pixels on the CPU: about 15 s per step of 128 images "
+                    "on 2 cores (benchmarks/train_step_time.py); a GPU takes about 0.1 s per step of 256")
     train = data.train
     # training from pixels: the decoded images on the GPU once, if there is one (augmenting there is cheap)
     on_device = torch.from_numpy(np.ascontiguousarray(train.arrays[0])).to(device) if pixels else None
