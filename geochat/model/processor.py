@@ -21,7 +21,7 @@ def square_resized(rgb: np.ndarray, image_size: int) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (h, w, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
     square, _ = pad_to_square(rgb)
-    return np.asarray(Image.fromarray(square).resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return np.array(Image.fromarray(square).resize((image_size, image_size), Image.Resampling.BICUBIC))  # writable
 
 
 def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -30,9 +30,13 @@ def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (pixels - torch.tensor(mean, device=pixels.device).view(shape)) / torch.tensor(std, device=pixels.device).view(shape)
 
 
+def unit_scale(images: torch.Tensor) -> torch.Tensor:
+    """(B, S, S, 3) uint8 → (B, 3, S, S) float32 in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float() / 255.0
+
+
 def to_pixel_values(
     rgb: np.ndarray, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """(h, w, 3) uint8 → (1, 3, image_size, image_size) float32, normalised."""
-    x = torch.from_numpy(square_resized(rgb, image_size).astype(np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
-    return normalise(x.unsqueeze(0), mean, std)
+    return normalise(unit_scale(torch.from_numpy(square_resized(rgb, image_size))[None]), mean, std)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from geochat.eval.metrics import retrieval_recalls
 from geochat.model.hybrid_tower import CACHEABLE_TAIL, GeoHybridVisionConfig, GeoHybridVisionModel
-from geochat.model.processor import normalise, square_resized
+from geochat.model.processor import normalise, square_resized, unit_scale
 from geochat.paths import cache_root
 from geochat.train.dual_encoder import (
     TextEncoder,
@@ -205,7 +205,7 @@ def augment(pixels: torch.Tensor, turns: list[int], mean: tuple, std: tuple, cro
     image does a random crop (area `crop_min`..1, aspect 3:4..4:3) resized back to S, a random mirror and
     a random quarter turn from `turns`; then ±20 % brightness and contrast."""
     b, s = pixels.shape[0], pixels.shape[1]
-    x = pixels.permute(0, 3, 1, 2).float() / 255.0
+    x = unit_scale(pixels)
     dev = x.device
     area = torch.empty(b, device=dev).uniform_(crop_min, 1.0)
     low, high = area.log().clamp(min=math.log(3 / 4)), (-area.log()).clamp(max=math.log(4 / 3))  # crop inside
@@ -304,7 +304,7 @@ def _val_fn(model: AlignModel, data: AlignData, device: torch.device, mean: tupl
         for a in range(0, len(val), VAL_BATCH):
             if from_pixels(model.tower):  # decoded pixels, turned here
                 x = torch.from_numpy(np.ascontiguousarray(val.arrays[0][a : a + VAL_BATCH])).to(device)
-                x = torch.rot90(normalise(x.permute(0, 3, 1, 2).float() / 255.0, mean, std), k, dims=(2, 3))
+                x = torch.rot90(normalise(unit_scale(x), mean, std), k, dims=(2, 3))
             else:
                 x = torch.from_numpy(np.asarray(val.arrays[view][a : a + VAL_BATCH], dtype=np.float32)).to(device)
             out.append(model.embed(x).float().cpu())
