@@ -162,6 +162,32 @@ def test_align_label_term_separates_the_labels() -> None:
         assert float(model(feats, text, labels, label_emb, 1.0)) < first - 0.5
 
 
+def test_align_all_captions_pulls_each_image_to_every_caption_it_has() -> None:
+    """`captions: all`: one text an image is the plain CLIP loss; three an image, each text finds its image."""
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.train.align import AlignModel
+
+    torch.manual_seed(0)
+    tower = GeoHybridVisionModel(GeoHybridVisionConfig(**{k: v for k, v in VISION.items() if k != "model_type"}))
+    model = AlignModel(tower, temperature=0.07)
+    feats = torch.randn(6, tower.config.num_patches, tower.config.stem_channels)
+    one = torch.nn.functional.normalize(torch.randn(6, 384), dim=-1)
+    torch.testing.assert_close(model(feats, one, owner=torch.arange(6)), model(feats, one))
+    owner = torch.arange(6).repeat_interleave(3)
+    texts = torch.nn.functional.normalize(torch.randn(6, 1, 384) + 0.5 * torch.randn(6, 3, 384), dim=-1).reshape(18, 384)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = float(model(feats, texts, owner=owner))
+    for _ in range(80):
+        loss = model(feats, texts, owner=owner)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        assert ((texts @ model.embed(feats).T).argmax(1) == owner).all()
+        assert float(model(feats, texts, owner=owner)) < first - 0.5
+
+
 def test_image_embedding_is_the_same_for_every_quarter_turn() -> None:
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
     from geochat.train.dual_encoder import tower_embedding
@@ -354,6 +380,23 @@ def test_align_recipe_with_labels_runs_and_validates(tmp_path: Path, data: Path,
     assert (final / "vision" / "model.safetensors").is_file()
     with pytest.raises(Exception, match="label_weight"):
         load_recipe(_recipe(tmp_path / "bad", data, tiny_llm_dir, _align(data, label_weight=-1)))
+    with pytest.raises(Exception, match="captions"):
+        load_recipe(_recipe(tmp_path / "bad2", data, tiny_llm_dir, _align(data, captions="some")))
+
+
+def test_align_stage_with_all_captions_trains_and_resumes(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    stages = _align(data, steps=4, captions="all", label_weight=0.5)
+    straight = run_recipe(load_recipe(_recipe(tmp_path / "a", data, tiny_llm_dir, stages)), progress=False,
+                          use_accelerate=False)
+    recipe = load_recipe(_recipe(tmp_path / "b", data, tiny_llm_dir, stages))
+    with pytest.raises(TrainingInterrupted):
+        run_recipe(recipe, progress=False, stop_after=2, use_accelerate=False)
+    resumed = run_recipe(recipe, resume=True, progress=False, use_accelerate=False)
+    a, b = load_file(str(straight / "vision" / "model.safetensors")), load_file(str(resumed / "vision" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    log = [json.loads(x) for x in (tmp_path / "a" / "out" / "align" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
 
 
 def test_all_stages_give_an_assistant_that_chats(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:

@@ -70,13 +70,20 @@ class AlignModel(nn.Module):
         return F.normalize(out.pooler_output, dim=-1)
 
     def forward(self, inputs: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
-                label_emb: torch.Tensor | None = None, label_weight: float = 0.0) -> torch.Tensor:
-        """The loss of a batch (a forward, so that data-parallel wrappers see the call)."""
+                label_emb: torch.Tensor | None = None, label_weight: float = 0.0,
+                owner: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of a batch (a forward, so that data-parallel wrappers see the call). `text` (T, D) holds
+        one caption an image (`owner` None: text i is image i's) or several (`owner[t]`: text t's image)."""
         z = self.embed(inputs)
         scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
-        logits = scale * z @ text.T  # (B, B)
-        target = torch.arange(len(z), device=z.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        logits = scale * z @ text.T  # (B, T)
+        if owner is None:
+            target = torch.arange(len(z), device=z.device)
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        else:  # each text picks its image; each image picks any of its texts (MIL-NCE: the sum over them)
+            mine = owner[None, :] == torch.arange(len(z), device=z.device)[:, None]  # (B, T)
+            image_to_text = (logits.logsumexp(1) - logits.masked_fill(~mine, -torch.inf).logsumexp(1)).mean()
+            loss = (image_to_text + F.cross_entropy(logits.T, owner)) / 2
         if label_weight and labels is not None and label_emb is not None:
             loss = loss + label_weight * F.cross_entropy(scale * z @ label_emb.T, labels, ignore_index=-1)
         return loss
@@ -272,6 +279,10 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         view = rng.randint(len(train.arrays), size=len(idx))
         keep = trainer.shard(list(range(len(idx))))
         idx, cap, view = [idx[k] for k in keep], [cap[k] for k in keep], view[keep]
+        owner = None
+        if cfg.captions == "all":
+            cap = [c for i in idx for c in range(*data.spans[i])]
+            owner = torch.tensor([k for k, i in enumerate(idx) for _ in range(*data.spans[i])], device=device)
         if on_device is not None:
             inputs = augment(on_device[torch.tensor(idx, device=device)], train.turns, mean, std, cfg.crop_min)
         else:
@@ -280,7 +291,7 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         labels = torch.from_numpy(data.label_idx[idx]).to(device) if data.label_idx is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.run.autocast == "bf16"):
             return trainer.module(inputs, text_all[torch.tensor(cap, device=device)], labels, label_emb,
-                                  cfg.label_weight)
+                                  cfg.label_weight, owner)
 
     eval_fn = _val_fn(model, data, device, mean, std) if data.val is not None else None
     trainer.fit(loss_fn, eval_fn, progress, stop_after)

@@ -62,6 +62,7 @@ class AlignConfig:
     rotations: int = 1                # 1, 2 or 4: each step shows an image at one of these quarter turns
     stem_lr_scale: float = 1.0        # learning-rate multiplier of the stem's trainable blocks, if any
     crop_min: float = 0.5             # training from pixels: smallest area of a random crop (1: no crops)
+    captions: Literal["one", "all"] = "one"  # an image's captions in a step: one at random, or all of them
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
@@ -218,6 +219,9 @@ def _value(hint: Any, value: Any, where: str) -> Any:
             if isinstance(data, dict) and "target_modules" in data:
                 data["target_modules"] = tuple(data["target_modules"])
             return _build(option, data, where)
+    choices = [c for option in candidates if get_origin(option) is Literal for c in get_args(option)]
+    if choices and value not in choices:
+        raise GeoChatError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     if float in candidates and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
             return float(value)  # YAML reads 1e-3 (no dot) as a string
