@@ -10,6 +10,8 @@
   a chromadb `PersistentClient` store (built once, in a temp dir unless `--synthetic-dir` keeps it),
   then p50/p95 of k=5 queries, and HNSW recall@5 against exact search (random vectors are the hard
   case for HNSW; real embeddings cluster).
+- query bank: a text→image query with the default search tower, MiniLM alone vs MiniLM + the query
+  bank's expansion (`TowerEmbedder.embed_text`), p50/p95 over the benchmark questions.
 """
 
 from __future__ import annotations
@@ -69,6 +71,25 @@ def corpus(questions: list[str], workdir: Path) -> dict[str, Any]:
     }
 
 
+def query_bank(questions: list[str]) -> dict[str, Any]:
+    from geochat.retrieval.images import image_embedder_from_name
+
+    embedder: Any = image_embedder_from_name("auto")
+    if getattr(embedder, "bank", None) is None:
+        return {"bank": None}
+    embedder.embed_text(questions[0])  # warm-up: loads MiniLM and the bank
+    plain, expanded = [], []
+    for q in questions:
+        t0 = time.perf_counter()
+        embedder._text.embed_query(q)
+        t1 = time.perf_counter()
+        embedder.embed_text(q)
+        t2 = time.perf_counter()
+        plain.append(t1 - t0)
+        expanded.append(t2 - t1)
+    return {"bank_images": len(embedder.bank.keys), "minilm": _pct(plain), "minilm_and_bank": _pct(expanded)}
+
+
 def synthetic(n: int, directory: Path, queries: int = 300, seed: int = 0) -> dict[str, Any]:
     import chromadb
 
@@ -121,6 +142,7 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=100_000, help="synthetic store size")
     parser.add_argument("--synthetic-dir", type=Path, default=None, help="keep (and reuse) the synthetic store here")
     parser.add_argument("--skip-corpus", action="store_true")
+    parser.add_argument("--skip-synthetic", action="store_true")
     args = parser.parse_args()
     rows = [json.loads(line) for line in (REPO / "benchmarks" / "retrieval_questions.jsonl").read_text().splitlines() if line.strip()]
     questions = [r["question"] for r in rows]
@@ -128,7 +150,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="geochat-latency-") as tmp:
         if not args.skip_corpus:
             result["corpus"] = corpus(questions, Path(tmp))
-        result["synthetic"] = synthetic(args.n, args.synthetic_dir or Path(tmp) / "synthetic")
+        if not args.skip_synthetic:
+            result["synthetic"] = synthetic(args.n, args.synthetic_dir or Path(tmp) / "synthetic")
+    result["query_bank"] = query_bank(questions)
     result["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     if args.json:
         print(json.dumps(result, indent=1))
@@ -138,11 +162,16 @@ def main() -> int:
         print(f"corpus: {c['chunks']} chunks from {c['files']} files; ingest {c['ingest_chunks_per_s']} chunks/s (MiniLM, CPU)")
         for key in ("query_embedding", "chroma_query", "search_total"):
             print(f"  {key:16s} p50 {c[key]['p50_ms']:7.2f} ms  p95 {c[key]['p95_ms']:7.2f} ms")
-    s = result["synthetic"]
-    print(f"synthetic {s['chunks']:,} x {s['dim']}-d: query p50 {s['query']['p50_ms']} ms  p95 {s['query']['p95_ms']} ms; "
-          f"HNSW recall@5 vs exact {s['hnsw_recall@5_vs_exact']} (random queries), "
-          f"near-duplicate top-1 {s['near_duplicate_top1']}"
-          + (f"; built in {s['build_s']} s ({s['add_vectors_per_s']:.0f} vectors/s)" if "build_s" in s else ""))
+    b = result["query_bank"]
+    if b.get("bank_images"):
+        print(f"text→image query, {b['bank_images']:,}-image query bank: MiniLM p50 {b['minilm']['p50_ms']} ms, "
+              f"MiniLM + bank p50 {b['minilm_and_bank']['p50_ms']} ms (p95 {b['minilm_and_bank']['p95_ms']} ms)")
+    s = result.get("synthetic")
+    if s:
+        print(f"synthetic {s['chunks']:,} x {s['dim']}-d: query p50 {s['query']['p50_ms']} ms  p95 {s['query']['p95_ms']} ms; "
+              f"HNSW recall@5 vs exact {s['hnsw_recall@5_vs_exact']} (random queries), "
+              f"near-duplicate top-1 {s['near_duplicate_top1']}"
+              + (f"; built in {s['build_s']} s ({s['add_vectors_per_s']:.0f} vectors/s)" if "build_s" in s else ""))
     print(f"(load average {result['load_avg_1m']} → {result['load_avg_1m_after']} on {result['cpus']} CPUs)")
     return 0
 

@@ -188,6 +188,30 @@ def test_align_all_captions_pulls_each_image_to_every_caption_it_has() -> None:
         assert float(model(feats, texts, owner=owner)) < first - 0.5
 
 
+def test_query_bank_pulls_a_query_toward_the_images_of_captions_like_it(tmp_path: Path) -> None:
+    from geochat.errors import ModelLoadError
+    from geochat.train.dual_encoder import QueryBank
+
+    torch.manual_seed(0)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    keys, values = unit(torch.randn(50, 384)), unit(torch.randn(50, 384))
+    bank = QueryBank(keys, values, k=5, tau=0.03, weight=0.5)
+    query = unit(keys[7] + 0.3 * unit(torch.randn(384))).numpy()[None]
+    out = bank.expand(query)
+    assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+    assert float(out[0] @ values[7].numpy()) > float(query[0] @ values[7].numpy()) + 0.2  # toward image 7
+    assert np.allclose(QueryBank(keys, values, weight=0.0).expand(query), query, atol=1e-6)
+    loaded = QueryBank.load(bank.save(tmp_path / "bank.safetensors"))  # int8 rows, float16 scales
+    assert (loaded.k, loaded.tau, loaded.weight) == (5, 0.03, 0.5)
+    assert torch.nn.functional.cosine_similarity(loaded.values, values).min() > 0.999
+    assert float(loaded.expand(query)[0] @ out[0]) > 0.999
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelLoadError, match="not a query bank"):
+        QueryBank.load(tmp_path / "other.safetensors")
+
+
 def test_image_embedding_is_the_same_for_every_quarter_turn() -> None:
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
     from geochat.train.dual_encoder import tower_embedding
@@ -268,7 +292,7 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
 
     vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
     retrieval = {**_align(data, steps=2)["align"], "rotations": 4, "stem_lr_scale": 0.5,
-                 "vision": {"trainable_stem_blocks": 1}}
+                 "vision": {"trainable_stem_blocks": 1}, "query_bank": True}
     path = _recipe(tmp_path, data, tiny_llm_dir, {**_align(data, steps=2), "retrieval": retrieval})
     recipe = yaml.safe_load(path.read_text())
     recipe["model"]["vision"] = vision
@@ -287,6 +311,24 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
     assert load_dual(str(final)).tower.config.trainable_stem_blocks == 1
     assert TowerEmbedder(final / "retrieval").tower.config.trainable_stem_blocks == 1
     assert TowerEmbedder(final).tower.config.trainable_stem_blocks == 0  # a recorded name is taken exactly
+    # the query bank: one entry per training image, used for search queries (not for label prompts)
+    from geochat.train.dual_encoder import QUERY_BANK
+    from geochat.train.query_bank import write_query_bank
+
+    dual = load_dual(str(final))
+    assert dual.bank is not None and len(dual.bank.keys) == 5  # max_images
+    plain, expanded = dual.embed_texts(["an airport"]), dual.embed_queries(["an airport"])
+    assert 0.5 < float(plain[0] @ expanded[0]) < 0.9999
+    searched = TowerEmbedder(final / "retrieval").embed_text("an airport")
+    assert np.allclose(searched, expanded[0], atol=1e-4)
+    assert np.allclose(TowerEmbedder(final).embed_text("an airport"), plain[0], atol=1e-4)  # no bank there
+    written = dual.bank
+    write_query_bank(path, final / "retrieval", progress=False)  # the command, from the saved tower
+    from geochat.train.dual_encoder import QueryBank
+
+    again = QueryBank.load(final / "retrieval" / QUERY_BANK)
+    torch.testing.assert_close(again.keys, written.keys)
+    assert torch.nn.functional.cosine_similarity(again.values, written.values).min() > 0.999
     # the periodic validation of the retrieval stage reports the four-view metrics
     log = [json.loads(line) for line in (tmp_path / "out" / "retrieval" / "log.jsonl").read_text().splitlines()]
     assert any("t2i_R@10" in r.get("eval", {}) for r in log)
@@ -501,6 +543,10 @@ def test_shipped_dual_encoder_uses_its_search_tower_on_real_scenes(shared_data: 
     assert recipe.retrieval is not None  # the shipped search tower is what the shipped recipe trains
     assert dual.tower.config.trainable_stem_blocks == recipe.retrieval.vision["trainable_stem_blocks"]
     assert image_embedder_from_name("auto").name.endswith("geochat-mini/retrieval")  # the image index's default
+    assert dual.bank is not None and len(dual.bank.keys) == 8734  # RSICD train: the shipped query bank
+    assert recipe.retrieval.query_bank
+    weights = sum(f.stat().st_size for f in (REPO / "adapters" / "geochat-mini").rglob("*.safetensors"))
+    assert weights <= 40_000_000, weights  # the cap on the shipped weights
     scores = dual.embed_images([read_rgb(shared_data / "rsicd" / r["image"]) for r in test]) @ dual.embed_labels(labels).T
     hits = sum(labels[i] == r["label"] for i, r in zip(scores.argmax(1), test, strict=True))
     assert hits >= 18, hits

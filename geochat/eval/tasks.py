@@ -139,7 +139,7 @@ def retrieve(rows: Sequence[Row], dual: Any, progress: bool = True) -> EvalResul
     image_emb = dual.embed_images([_rgb(r) for r in tqdm(rows, desc="images", disable=not progress)])
     captions = [c for r in rows for c in r.captions]
     caption_image = [i for i, r in enumerate(rows) for _ in r.captions]
-    caption_emb = dual.embed_texts(captions)
+    caption_emb = dual.embed_queries(captions)  # the search path: expanded where the tower has a query bank
     return EvalResult({"task": "retrieve", "n": len(rows), **retrieval_recalls(image_emb, caption_emb, caption_image)})
 
 
@@ -197,7 +197,14 @@ def load_dual(model: str | None) -> Any:
     from geochat.engine import TRAINED_DEFAULT_DIR
     from geochat.model.config import CONFIG_FILE, AssistantConfig
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
-    from geochat.train.dual_encoder import DualEncoder, TextEncoder, load_tower, search_tower_dir, tower_weights
+    from geochat.train.dual_encoder import (
+        DualEncoder,
+        TextEncoder,
+        load_query_bank,
+        load_tower,
+        search_tower_dir,
+        tower_weights,
+    )
 
     directory = Path(model) if model else TRAINED_DEFAULT_DIR
     search = search_tower_dir(directory)
@@ -213,4 +220,4 @@ def load_dual(model: str | None) -> Any:
     if (directory / CONFIG_FILE).is_file():
         cfg = AssistantConfig.load(directory)
         mean, std = cfg.image_mean, cfg.image_std
-    return DualEncoder(tower, TextEncoder(), mean, std)
+    return DualEncoder(tower, TextEncoder(), mean, std, bank=load_query_bank(search))

@@ -12,8 +12,9 @@ Image embedders (the name goes into the collection's metadata; one collection ne
   that carries scene similarity (a linear probe on it reaches 0.76 on 31 RSICD classes). It has no
   text side: text→image search then goes through the captions' MiniLM embeddings.
 - `tower:DIR`: the trained dual encoder's tower saved under DIR/vision/ (`geochat.train.dual_encoder`),
-  its `pooler_output` (384-d) aligned with MiniLM; it has a text side (MiniLM itself). Used by
-  default (`auto`) once `adapters/geochat-mini/vision/` ships one.
+  its `pooler_output` (384-d) aligned with MiniLM; it has a text side (MiniLM itself, and the query
+  expansion of DIR/query_bank.safetensors where its training stage wrote one). Used by default
+  (`auto`) once `adapters/geochat-mini/vision/` ships one.
 
 Captions come from a sidecar `<stem>.txt` / `<name>.txt`, or from `annotations.jsonl` files in
 the tree (`{"image": path relative to the file, "captions": [...], "label": ...}`). The date comes
@@ -144,13 +145,20 @@ class TowerEmbedder:
 
         return load_tower(self.directory)
 
+    @cached_property
+    def bank(self) -> Any:
+        from geochat.train.dual_encoder import load_query_bank
+
+        return load_query_bank(self.directory)
+
     def embed_images(self, rgbs: Sequence[np.ndarray]) -> np.ndarray:
         from geochat.train.dual_encoder import tower_embedding
 
         return tower_embedding(self.tower, _pixels(rgbs, self.tower.config.image_size))  # (B, 384), unit
 
     def embed_text(self, text: str) -> np.ndarray:
-        return self._text.embed_query(text)
+        query = self._text.embed_query(text)
+        return query if self.bank is None else self.bank.expand(query[None])[0]
 
 
 def image_embedder_from_name(name: str) -> ImageEmbedder:

@@ -41,6 +41,8 @@ from geochat.model.hybrid_tower import CACHEABLE_TAIL, GeoHybridVisionConfig, Ge
 from geochat.model.processor import normalise, square_resized, unit_scale
 from geochat.paths import cache_root
 from geochat.train.dual_encoder import (
+    QUERY_BANK,
+    QueryBank,
     TextEncoder,
     label_embeddings,
     mean_of_views,
@@ -296,6 +298,9 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
     eval_fn = _val_fn(model, data, device, mean, std) if data.val is not None else None
     trainer.fit(loss_fn, eval_fn, progress, stop_after)
     if trainer.is_main:
+        if isinstance(cfg, RetrievalConfig) and cfg.query_bank:
+            model.eval()
+            build_query_bank(model, data, device, mean, std).save(directory / QUERY_BANK)
         save_tower(tower.cpu(), directory)
         trainer.plot()
     return tower
@@ -304,25 +309,38 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
 VAL_BATCH = 64
 
 
+@torch.no_grad()
+def embed_image_set(model: AlignModel, images: ImageSet, device: torch.device, mean: tuple, std: tuple) -> np.ndarray:
+    """(n, D) unit vectors of a split's images, each the mean over its quarter turns, as in use."""
+
+    def embed_view(k: int, view: int) -> torch.Tensor:
+        out = []
+        for a in range(0, len(images), VAL_BATCH):
+            if from_pixels(model.tower):  # decoded pixels, turned here
+                x = torch.from_numpy(np.ascontiguousarray(images.arrays[0][a : a + VAL_BATCH])).to(device)
+                x = torch.rot90(normalise(unit_scale(x), mean, std), k, dims=(2, 3))
+            else:
+                x = torch.from_numpy(np.asarray(images.arrays[view][a : a + VAL_BATCH], dtype=np.float32)).to(device)
+            out.append(model.embed(x).float().cpu())
+        return torch.cat(out)
+
+    return mean_of_views([embed_view(k, v) for v, k in enumerate(images.turns)]).numpy()
+
+
+def build_query_bank(model: AlignModel, data: AlignData, device: torch.device, mean: tuple, std: tuple) -> QueryBank:
+    """The `QueryBank` of a trained tower: its training images' embeddings, keyed by their caption centroids."""
+    keys = F.normalize(torch.stack([torch.from_numpy(np.asarray(data.text[a:b], dtype=np.float32)).mean(0)
+                                    for a, b in data.spans]), dim=-1)
+    return QueryBank(keys, torch.from_numpy(embed_image_set(model, data.train, device, mean, std)))
+
+
 def _val_fn(model: AlignModel, data: AlignData, device: torch.device, mean: tuple,
             std: tuple) -> Callable[[], dict[str, float]]:
     assert data.val is not None and data.val_captions is not None
     val, captions = data.val, data.val_captions
 
-    def embed_view(k: int, view: int) -> torch.Tensor:
-        """Unit vectors of every val image at quarter turn `val.turns[view]`."""
-        out = []
-        for a in range(0, len(val), VAL_BATCH):
-            if from_pixels(model.tower):  # decoded pixels, turned here
-                x = torch.from_numpy(np.ascontiguousarray(val.arrays[0][a : a + VAL_BATCH])).to(device)
-                x = torch.rot90(normalise(unit_scale(x), mean, std), k, dims=(2, 3))
-            else:
-                x = torch.from_numpy(np.asarray(val.arrays[view][a : a + VAL_BATCH], dtype=np.float32)).to(device)
-            out.append(model.embed(x).float().cpu())
-        return torch.cat(out)
-
     def eval_fn() -> dict[str, float]:
-        z = mean_of_views([embed_view(k, v) for v, k in enumerate(val.turns)]).numpy()  # as in use
+        z = embed_image_set(model, val, device, mean, std)
         recalls = retrieval_recalls(z, captions, data.val_caption_image)
         out = {k: v for k, v in recalls.items() if k in ("t2i_R@1", "t2i_R@10")}
         if data.val_label_emb is not None:

@@ -109,6 +109,7 @@ class RetrievalConfig(AlignConfig):
 
     vision: dict[str, Any] = field(default_factory=dict)
     from_align: bool = True           # start from the align stage's tower (else from ImageNet's stem alone)
+    query_bank: bool = False          # also write retrieval/query_bank.safetensors (search-query expansion)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
     OUTPUT/align/                 log.jsonl, loss.png, checkpoint/, vision/ (the aligned tower), done.json
     OUTPUT/pretrain/assistant/    an assistant directory after pretraining
     OUTPUT/instruct/assistant/    ... after instruction tuning
-    OUTPUT/retrieval/             (optional) log.jsonl, loss.png, checkpoint/, vision/ (the search tower), done.json
+    OUTPUT/retrieval/             (optional) log.jsonl, loss.png, checkpoint/, vision/ (the search tower), done.json,
+                                  query_bank.safetensors (with `query_bank: true`)
     OUTPUT/assistant/             the final result: the last chat stage's assistant (or the aligned tower),
                                   with the search tower as assistant/retrieval/vision/ when there is one
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from geochat.errors import GeoChatError
-from geochat.train.dual_encoder import RETRIEVAL_DIR
+from geochat.train.dual_encoder import QUERY_BANK, RETRIEVAL_DIR
 from geochat.train.recipe import Recipe
 
 FINAL = "assistant"
@@ -85,6 +86,8 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
     if retrieval is not None:
         shutil.rmtree(final / RETRIEVAL_DIR, ignore_errors=True)
         shutil.copytree(retrieval / "vision", final / RETRIEVAL_DIR / "vision")
+        if (retrieval / QUERY_BANK).is_file():
+            shutil.copy2(retrieval / QUERY_BANK, final / RETRIEVAL_DIR / QUERY_BANK)
     if recipe.run.save_dtype == "float16":
         for path in sorted(final.rglob("*.safetensors")):
             store_as_float16(path)

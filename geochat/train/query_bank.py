@@ -1,0 +1,51 @@
+"""Write the query bank of a trained search tower (`geochat.train.dual_encoder.QueryBank`).
+
+    python -m geochat.train.query_bank RECIPE.yaml TOWER_DIR
+
+TOWER_DIR holds `vision/` (e.g. `adapters/geochat-mini/retrieval`); the bank is built from the recipe's
+retrieval stage data (its training split, through the same feature caches) and written as
+TOWER_DIR/query_bank.safetensors. A retrieval stage with `query_bank: true` does this itself; this
+command is for a tower trained without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from geochat.train.align import AlignModel, build_query_bank, build_tower, load_align_data
+from geochat.train.dual_encoder import QUERY_BANK, TextEncoder, tower_weights
+from geochat.train.recipe import load_recipe
+
+
+def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) -> Path:
+    recipe = load_recipe(recipe_path)
+    cfg = recipe.retrieval or recipe.align
+    if cfg is None:
+        raise SystemExit(f"{recipe_path} has neither a retrieval nor an align stage to read data from")
+    if not tower_weights(tower_dir).is_file():
+        raise SystemExit(f"{tower_dir} holds no trained tower ({tower_weights(tower_dir)} missing)")
+    overrides = getattr(cfg, "vision", None)
+    tower = build_tower(recipe, overrides, tower_dir)
+    data = load_align_data(recipe, cfg, tower, TextEncoder(), progress)
+    model = AlignModel(tower, cfg.temperature).eval()
+    align = recipe.assistant_config("align")
+    bank = build_query_bank(model, data, torch.device("cpu"), align.image_mean, align.image_std)
+    return bank.save(tower_dir / QUERY_BANK)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m geochat.train.query_bank", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("tower_dir", type=Path)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    print(f"wrote {write_query_bank(args.recipe, args.tower_dir, progress=not args.quiet)}")
+
+
+if __name__ == "__main__":
+    main()
