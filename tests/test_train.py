@@ -312,6 +312,7 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
     assert TowerEmbedder(final / "retrieval").tower.config.trainable_stem_blocks == 1
     assert TowerEmbedder(final).tower.config.trainable_stem_blocks == 0  # a recorded name is taken exactly
     # the query bank: one entry per training image, used for search queries (not for label prompts)
+    from geochat.errors import GeoChatError
     from geochat.train.dual_encoder import QUERY_BANK
     from geochat.train.query_bank import write_query_bank
 
@@ -327,6 +328,8 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
     from geochat.train.dual_encoder import QueryBank
 
     again = QueryBank.load(final / "retrieval" / QUERY_BANK)
+    with pytest.raises(GeoChatError, match="holds no trained tower"):
+        write_query_bank(path, tmp_path / "elsewhere", progress=False)
     torch.testing.assert_close(again.keys, written.keys)
     assert torch.nn.functional.cosine_similarity(again.values, written.values).min() > 0.999
     # the periodic validation of the retrieval stage reports the four-view metrics

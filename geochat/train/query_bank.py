@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from geochat.errors import GeoChatError
 from geochat.train.align import AlignModel, build_query_bank, build_tower, load_align_data
 from geochat.train.dual_encoder import QUERY_BANK, TextEncoder, tower_weights
 from geochat.train.recipe import load_recipe
@@ -25,9 +26,10 @@ def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) 
     recipe = load_recipe(recipe_path)
     cfg = recipe.retrieval or recipe.align
     if cfg is None:
-        raise SystemExit(f"{recipe_path} has neither a retrieval nor an align stage to read data from")
+        raise GeoChatError(f"{recipe_path} has neither a retrieval nor an align stage to read data from")
     if not tower_weights(tower_dir).is_file():
-        raise SystemExit(f"{tower_dir} holds no trained tower ({tower_weights(tower_dir)} missing)")
+        raise GeoChatError(f"{tower_dir} holds no trained tower ({tower_weights(tower_dir)} missing): "
+                           "name the directory that holds vision/, e.g. adapters/geochat-mini/retrieval")
     overrides = getattr(cfg, "vision", None)
     tower = build_tower(recipe, overrides, tower_dir)
     data = load_align_data(recipe, cfg, tower, TextEncoder(), progress)
@@ -38,6 +40,7 @@ def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) 
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m geochat.train.query_bank RECIPE TOWER_DIR [--quiet]`."""
     parser = argparse.ArgumentParser(prog="python -m geochat.train.query_bank", description=__doc__.split("\n")[0])
     parser.add_argument("recipe", type=Path)
     parser.add_argument("tower_dir", type=Path)
