@@ -314,6 +314,7 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
     # the query bank: one entry per training image, used for search queries (not for label prompts)
     from geochat.errors import GeoChatError
     from geochat.train.dual_encoder import QUERY_BANK
+    from geochat.train.query_bank import main as query_bank_main
     from geochat.train.query_bank import write_query_bank
 
     dual = load_dual(str(final))
@@ -330,6 +331,8 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
     again = QueryBank.load(final / "retrieval" / QUERY_BANK)
     with pytest.raises(GeoChatError, match="holds no trained tower"):
         write_query_bank(path, tmp_path / "elsewhere", progress=False)
+    with pytest.raises(SystemExit, match="^error: .* holds no trained tower"):  # the command: one line, no traceback
+        query_bank_main([str(path), str(tmp_path / "elsewhere"), "--quiet"])
     torch.testing.assert_close(again.keys, written.keys)
     assert torch.nn.functional.cosine_similarity(again.values, written.values).min() > 0.999
     # the periodic validation of the retrieval stage reports the four-view metrics

@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    print(f"wrote {write_query_bank(args.recipe, args.tower_dir, progress=not args.quiet)}")
+    try:
+        print(f"wrote {write_query_bank(args.recipe, args.tower_dir, progress=not args.quiet)}")
+    except GeoChatError as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
 
 if __name__ == "__main__":
