@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) 
                            "name the directory that holds vision/, e.g. adapters/geochat-mini/retrieval")
     overrides = getattr(cfg, "vision", None)
     tower = build_tower(recipe, overrides, tower_dir)
-    data = load_align_data(recipe, cfg, tower, TextEncoder(), progress)
+    data = load_align_data(recipe, replace(cfg, val_split=None), tower, TextEncoder(), progress)  # train images only
     model = AlignModel(tower, cfg.temperature).eval()
     align = recipe.assistant_config("align")
     bank = build_query_bank(model, data, torch.device("cpu"), align.image_mean, align.image_std)
