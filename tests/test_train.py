@@ -201,8 +201,12 @@ def test_query_bank_pulls_a_query_toward_the_images_of_captions_like_it(tmp_path
     assert np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
     assert float(out[0] @ values[7].numpy()) > float(query[0] @ values[7].numpy()) + 0.2  # toward image 7
     assert np.allclose(QueryBank(keys, values, weight=0.0).expand(query), query, atol=1e-6)
+    stranger = unit(torch.randn(384)).numpy()[None]  # resembles no key (cosine about 0): below the floor
+    assert float(bank.expand(stranger)[0] @ stranger[0]) > 0.999
+    unfloored = QueryBank(keys, values, k=5, tau=0.03, weight=0.5, floor=-1.0).expand(stranger)
+    assert float(unfloored[0] @ stranger[0]) < 0.95
     loaded = QueryBank.load(bank.save(tmp_path / "bank.safetensors"))  # int8 rows, float16 scales
-    assert (loaded.k, loaded.tau, loaded.weight) == (5, 0.03, 0.5)
+    assert (loaded.k, loaded.tau, loaded.weight, loaded.floor) == (5, 0.03, 0.5, 0.55)
     assert torch.nn.functional.cosine_similarity(loaded.values, values).min() > 0.999
     assert float(loaded.expand(query)[0] @ out[0]) > 0.999
     from safetensors.torch import save_file
