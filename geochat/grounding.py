@@ -55,7 +55,7 @@ _LENIENT_BODY = re.compile(
 # Strict fragment: exactly the grammar (whitespace tolerated), closing brace required.
 _STRICT_BOX = re.compile(rf"\{{\s*{_TOKEN}\s*{_TOKEN}\s*{_TOKEN}\s*{_TOKEN}\s*(?:\|\s*{_TOKEN}\s*)?\}}")
 _PHRASE = re.compile(r"<p>(.*?)</p>", re.DOTALL | re.IGNORECASE)
-_BOX_LIKE = re.compile(r"\{(?:\s*\|?\s*<[^<>{}]*>)+\s*\}?")  # a box, also broken or unclosed
+_BOX_LIKE = re.compile(r"\{(?:\s*\|?\s*<[^<>{}]*>)+(?:\s*\|)?\s*\}?")  # a box, also broken, unclosed or cut after |
 _STRAY_TOKEN = re.compile(rf"<\s*{_NUM}\s*>")
 
 

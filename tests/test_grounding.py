@@ -176,6 +176,8 @@ def test_strip_grounding():
     text = "There are <p>two planes</p> {<10><20><30><40>|<45>}{<50><20><70><40>} on the apron .\n\n\n\nOK"
     assert strip_grounding(text) == "There are two planes on the apron.\n\nOK"
     assert strip_grounding("A broken {<1><2> box") == "A broken box"
+    # generation stopped by the token limit right after a box's "|": no stray "|" in the answer
+    assert strip_grounding("<p>buildings</p> {<2><13><3><26>|<-2>}{<2><25><40><53>|") == "buildings"
     assert strip_grounding("plain {set} text") == "plain {set} text"
 
 
