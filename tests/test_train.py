@@ -4,7 +4,9 @@ runs on tiny models and generated data, the trained assistant loads and chats, `
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from geochat import GeoChat
 from geochat.engine import prompt_ids
@@ -209,11 +211,23 @@ def test_query_bank_pulls_a_query_toward_the_images_of_captions_like_it(tmp_path
     assert (loaded.k, loaded.tau, loaded.weight, loaded.floor) == (5, 0.03, 0.5, 0.55)
     assert torch.nn.functional.cosine_similarity(loaded.values, values).min() > 0.999
     assert float(loaded.expand(query)[0] @ out[0]) > 0.999
-    from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ModelLoadError, match="not a query bank"):
         QueryBank.load(tmp_path / "other.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(ModelLoadError, match="not a query bank"):
+        QueryBank.load(tmp_path / "corrupt.safetensors")
+    bad = bank.save(tmp_path / "bad.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(bad), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    save_file(tensors, str(bad), metadata={**meta, "tau": "0"})  # every expanded query would be NaN
+    with pytest.raises(ModelLoadError, match="tau > 0"):
+        QueryBank.load(bad)
+    with pytest.raises(ValueError, match="one shape"):
+        QueryBank(keys, values[:, :10])
 
 
 def test_image_embedding_is_the_same_for_every_quarter_turn() -> None:
@@ -290,7 +304,8 @@ def test_lr_scales_multiply_the_schedule_per_parameter_group(tmp_path: Path) -> 
 
 
 def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_path: Path, data: Path,
-                                                                          tiny_llm_dir: Path) -> None:
+                                                                          tiny_llm_dir: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
     from geochat.eval.tasks import load_dual
     from geochat.retrieval.images import TowerEmbedder
 
@@ -339,6 +354,27 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
         query_bank_main([str(path), str(tmp_path / "elsewhere"), "--quiet"])
     torch.testing.assert_close(again.keys, written.keys)
     assert torch.nn.functional.cosine_similarity(again.values, written.values).min() > 0.999
+    # the bank knows its tower (the fingerprint survives float16 storage); beside another tower it is skipped
+    from geochat.train.dual_encoder import DualEncoder, load_query_bank, tower_fingerprint
+
+    assert written.tower == again.tower == tower_fingerprint(final / "retrieval") != ""
+    labels = ["airport", "forest"]
+    assert np.allclose(dual.embed_labels(labels), DualEncoder(dual.tower, dual.text).embed_labels(labels))
+    other = tmp_path / "retrained"
+    shutil.copytree(final / "retrieval", other)
+    weights = load_file(str(other / "vision" / "model.safetensors"))
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 0.01
+    save_file(weights, str(other / "vision" / "model.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        assert load_query_bank(other) is None
+    assert "built for another tower" in caplog.text
+    assert not np.allclose(TowerEmbedder(other).embed_text("an airport"), expanded[0], atol=1e-4)
+    broken = yaml.safe_load(path.read_text())
+    broken["retrieval"]["annotations"] = "missing.jsonl"
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(SystemExit, match="^error: annotations file .*missing.jsonl not found"):
+        query_bank_main([str(tmp_path / "broken.yaml"), str(final / "retrieval"), "--quiet"])
     # the periodic validation of the retrieval stage reports the four-view metrics
     log = [json.loads(line) for line in (tmp_path / "out" / "retrieval" / "log.jsonl").read_text().splitlines()]
     assert any("t2i_R@10" in r.get("eval", {}) for r in log)
@@ -434,6 +470,12 @@ def test_align_recipe_with_labels_runs_and_validates(tmp_path: Path, data: Path,
         load_recipe(_recipe(tmp_path / "bad", data, tiny_llm_dir, _align(data, label_weight=-1)))
     with pytest.raises(Exception, match="captions"):
         load_recipe(_recipe(tmp_path / "bad2", data, tiny_llm_dir, _align(data, captions="some")))
+    with pytest.raises(Exception, match="captions: a value is needed"):  # an empty key is not "one"
+        load_recipe(_recipe(tmp_path / "bad3", data, tiny_llm_dir, _align(data, captions=None)))
+    from geochat.train.recipe import AlignConfig
+
+    with pytest.raises(ValueError, match="captions must be"):  # built in Python, not through the loader
+        AlignConfig(annotations="a.jsonl", captions="some")  # type: ignore[arg-type]
 
 
 def test_align_stage_with_all_captions_trains_and_resumes(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -44,6 +44,9 @@ from geochat.jsonl import iter_jsonl
 from geochat.retrieval.docs import IndexReport
 from geochat.retrieval.store import CAPTIONS, IMAGES, IndexStore, MixedEmbedderError
 from geochat.retrieval.text import TextEmbedder
+
+if TYPE_CHECKING:  # torch is imported lazily: the docs-only paths never load it
+    from geochat.train.dual_encoder import QueryBank
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 INDEX_MAX_SIZE = 256  # long side of the overview read for embedding
@@ -146,10 +149,14 @@ class TowerEmbedder:
         return load_tower(self.directory)
 
     @cached_property
-    def bank(self) -> Any:
+    def bank(self) -> QueryBank | None:
         from geochat.train.dual_encoder import load_query_bank
 
-        return load_query_bank(self.directory)
+        bank = load_query_bank(self.directory)
+        if bank is not None and bank.keys.shape[1] != self.dim:
+            raise GeoChatError(f"the query bank in {self.directory} holds {bank.keys.shape[1]}-d rows, the tower "
+                               f"{self.dim}-d: rewrite it with `python -m geochat.train.query_bank RECIPE {self.directory}`")
+        return bank
 
     def embed_images(self, rgbs: Sequence[np.ndarray]) -> np.ndarray:
         from geochat.train.dual_encoder import tower_embedding

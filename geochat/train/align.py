@@ -4,6 +4,8 @@
     (training from pixels, `trainable_stem_blocks` > 4: augmented images ─► the whole tower)
     cached MiniLM caption embeddings, one random caption per image ─► text t (B, D)
     logits = exp(s) · z tᵀ ;  loss = (CE(logits, diag) + CE(logitsᵀ, diag)) / 2
+    (`captions: all`: every caption of each image is a text row; the image side is MIL-NCE, the
+    log-sum of its own captions' probabilities)
     with `label_weight` w > 0:  loss += w · CE(exp(s) · z Lᵀ, label)   (L: the label-prompt embeddings)
 
 The text side is frozen (it is what retrieval and documentation use), so only the image side moves
@@ -26,7 +28,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from geochat.errors import GeoChatError, ModelLoadError
 from geochat.eval.metrics import retrieval_recalls
 from geochat.model.hybrid_tower import CACHEABLE_TAIL, GeoHybridVisionConfig, GeoHybridVisionModel
 from geochat.model.processor import normalise, square_resized, unit_scale
@@ -48,6 +51,7 @@ from geochat.train.dual_encoder import (
     mean_of_views,
     quarter_turns,
     save_tower,
+    tower_fingerprint,
     tower_weights,
 )
 from geochat.train.features import cache_stem_features, cache_text_embeddings, read_rgb
@@ -92,6 +96,9 @@ class AlignModel(nn.Module):
 
 
 def _rows(path: Path, split: str | None) -> list[dict]:
+    if not path.is_file():
+        raise GeoChatError(f"annotations file {path} not found: set the stage's `annotations` (a path relative "
+                           "to the recipe) to an annotations.jsonl")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r for r in rows if r.get("captions") and (split is None or r.get("split") == split)]
 
@@ -112,7 +119,7 @@ def build_tower(recipe: Recipe, overrides: dict | None = None, start: Path | Non
     if start is not None:
         result = tower.load_state_dict(load_file(str(tower_weights(start))), strict=False)
         if result.unexpected_keys:
-            raise ValueError(f"the tower in {start} does not fit: unexpected {result.unexpected_keys[:5]}")
+            raise ModelLoadError(f"the tower in {start} does not fit: unexpected {result.unexpected_keys[:5]}")
     return tower
 
 
@@ -179,7 +186,7 @@ def load_align_data(recipe: Recipe, cfg: AlignConfig, tower: GeoHybridVisionMode
 
     train_rows = _rows(ann, cfg.split)
     if len(train_rows) < 2:
-        raise ValueError(f"{ann}: fewer than 2 captioned rows in split {cfg.split!r}")
+        raise GeoChatError(f"{ann}: fewer than 2 captioned rows in split {cfg.split!r}")
     all_captions = [c for r in train_rows for c in r["captions"]]
     starts = np.cumsum([0] + [len(r["captions"]) for r in train_rows])
     text_all = cache_text_embeddings(all_captions, cache_dir, text_encoder.directory, progress)  # (captions, D)
@@ -191,7 +198,7 @@ def load_align_data(recipe: Recipe, cfg: AlignConfig, tower: GeoHybridVisionMode
     label_names = sorted({str(r["label"]) for r in train_rows if r.get("label")})
     if cfg.label_weight:
         if len(label_names) < 2:
-            raise ValueError(f"{ann}: label_weight needs at least 2 labels in split {cfg.split!r}")
+            raise GeoChatError(f"{ann}: label_weight needs at least 2 labels in split {cfg.split!r}")
         data.label_emb = label_embeddings(text_encoder, label_names)
         index = {name: k for k, name in enumerate(label_names)}
         data.label_idx = np.array([index.get(str(train_rows[i].get("label")), -1) for i in picked])
@@ -252,7 +259,7 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
     if data is None:
         text_encoder = TextEncoder()
         if tower.config.projection_dim != text_encoder.dim:
-            raise ValueError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")
+            raise GeoChatError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")
         data = load_align_data(recipe, cfg, tower, text_encoder, progress)
     pixels = from_pixels(tower)
 
@@ -298,10 +305,13 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
     eval_fn = _val_fn(model, data, device, mean, std) if data.val is not None else None
     trainer.fit(loss_fn, eval_fn, progress, stop_after)
     if trainer.is_main:
+        bank = None
         if isinstance(cfg, RetrievalConfig) and cfg.query_bank:
             model.eval()
-            build_query_bank(model, data, device, mean, std).save(directory / QUERY_BANK)
+            bank = build_query_bank(model, data, device, mean, std)
         save_tower(tower.cpu(), directory)
+        if bank is not None:
+            replace(bank, tower=tower_fingerprint(directory)).save(directory / QUERY_BANK)
         trainer.plot()
     return tower
 

@@ -18,6 +18,8 @@ align-stage output and a full assistant directory load here.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ from geochat.errors import ModelLoadError
 from geochat.model.assistant import VISION_DIR
 from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
 from geochat.model.processor import to_pixel_values
+
+log = logging.getLogger(__name__)
 
 # Prompts around a label for zero-shot classification; their embeddings are averaged (prompt ensemble).
 LABEL_PROMPTS = (
@@ -110,6 +114,16 @@ def tower_weights(directory: Path) -> Path:
     return directory / VISION_DIR / "model.safetensors"
 
 
+def tower_fingerprint(directory: Path) -> str:
+    """A digest of the tower saved in `directory` that stays the same when its float32 weights are stored
+    as float16 (`store_as_float16`): the query bank records it to know which tower its image rows came from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(tower_weights(directory))).items()):
+        h.update(name.encode())
+        h.update((tensor.half() if tensor.is_floating_point() else tensor).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def search_tower_dir(directory: Path) -> Path:
     """Where the dual encoder's tower lives: `directory/retrieval/` when a retrieval stage made one."""
     search = directory / RETRIEVAL_DIR
@@ -131,7 +145,7 @@ def load_tower(directory: Path) -> GeoHybridVisionModel:
     return tower.eval()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: no field-wise ==
 class QueryBank:
     """Text-query expansion through the training images: a query moves toward the images whose captions
     it resembles, in the tower's own image space.
@@ -140,13 +154,14 @@ class QueryBank:
         q' = normalise(q + weight · (Σ w_i) · normalise(Σ w_i value_i))
 
     `keys` (n, D): each training image's caption centroid (MiniLM); `values` (n, D): the tower's embedding of
-    that image (four views). Only search queries are expanded, never label prompts. The `floor` is a key that
+    that image (the mean over the stage's quarter turns: four in the shipped recipe). Only search queries are expanded, never label prompts. The `floor` is a key that
     pulls nowhere: a query that resembles no training caption better than it (cosine 0.55; RSICD val queries
     are above 0.56 for 99 % of them, phrases like "solar farm" or "ship wake in a SAR image" at 0.38-0.47) is
     left nearly as it is instead of being pulled toward the nearest training scenes. The defaults are the best
     of a grid on RSICD val with the shipped tower (k 10/30, tau 0.03-0.1, weight 0.2-0.5, floor 0.4-0.6, which
     left val unchanged; MODEL_CARD.md).
-    Stored as per-row int8 with float16 scales (6.7 MB for RSICD's 8,734 training images).
+    Stored as per-row int8 with float16 scales (6.7 MB for RSICD's 8,734 training images), with the
+    `tower_fingerprint` of the tower that embedded the values (`tower`; "" in banks written before it).
     """
 
     keys: torch.Tensor
@@ -155,10 +170,18 @@ class QueryBank:
     tau: float = 0.03
     weight: float = 0.2
     floor: float = 0.55
+    tower: str = ""
+
+    def __post_init__(self) -> None:
+        if self.keys.ndim != 2 or self.keys.shape != self.values.shape or not len(self.keys):
+            raise ValueError(f"keys {tuple(self.keys.shape)} and values {tuple(self.values.shape)} must be two "
+                             "non-empty (n, D) tables of one shape")
+        if self.k < 1 or not self.tau > 0 or not self.weight >= 0:
+            raise ValueError(f"needs k >= 1, tau > 0 and weight >= 0 (k {self.k}, tau {self.tau}, weight {self.weight})")
 
     def expand(self, queries: np.ndarray) -> np.ndarray:
         """(Q, D) unit query vectors → (Q, D) expanded unit vectors."""
-        q = torch.from_numpy(np.asarray(queries, dtype=np.float32))
+        q = torch.tensor(np.asarray(queries), dtype=torch.float32)  # a copy: read-only arrays are fine
         sim, idx = (q @ self.keys.T).topk(min(self.k, len(self.keys)), dim=1)
         w = F.softmax(torch.cat([sim, sim.new_full((len(q), 1), self.floor)], 1) / self.tau, dim=1)[:, :-1]
         pulled = F.normalize((w.unsqueeze(-1) * self.values[idx]).sum(1), dim=-1)
@@ -170,30 +193,40 @@ class QueryBank:
             scale = x.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
             tensors[name] = (x / scale).round().clamp(-127, 127).to(torch.int8)
             tensors[f"{name}_scale"] = scale.half()
-        settings = {"k": self.k, "tau": self.tau, "weight": self.weight, "floor": self.floor}
+        settings = {"k": self.k, "tau": self.tau, "weight": self.weight, "floor": self.floor, "tower": self.tower}
         save_file(tensors, str(path), metadata={name: str(value) for name, value in settings.items()})
         return path
 
     @classmethod
     def load(cls, path: Path) -> QueryBank:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
         try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
             keys, values = (t[n].float() * t[f"{n}_scale"].float() for n in ("keys", "values"))
             floor = float(meta.get("floor", cls.floor))  # banks written before the floor get today's
-            return cls(keys, values, int(meta["k"]), float(meta["tau"]), float(meta["weight"]), floor)
-        except (KeyError, ValueError) as exc:
+            return cls(keys, values, int(meta["k"]), float(meta["tau"]), float(meta["weight"]), floor,
+                       meta.get("tower", ""))
+        except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
             raise ModelLoadError(f"{path} is not a query bank ({exc}); rewrite it with "
                                  "`python -m geochat.train.query_bank RECIPE DIR`") from exc
 
 
 def load_query_bank(directory: Path) -> QueryBank | None:
-    """The query bank saved beside the tower in `directory`, if there is one."""
+    """The query bank saved beside the tower in `directory`, if there is one and it was built from that tower
+    (a bank left beside a retrained tower would pull queries toward the old tower's image rows: it is skipped,
+    with a warning)."""
     path = directory / QUERY_BANK
-    return QueryBank.load(path) if path.is_file() else None
+    if not path.is_file() or not tower_weights(directory).is_file():
+        return None
+    bank = QueryBank.load(path)
+    if bank.tower and bank.tower != tower_fingerprint(directory):
+        log.warning("%s was built for another tower than the one in %s; searching without it (rewrite it with "
+                    "`python -m geochat.train.query_bank RECIPE %s`)", path, directory / VISION_DIR, directory)
+        return None
+    return bank
 
 
 class DualEncoder:
@@ -207,6 +240,8 @@ class DualEncoder:
             raise ModelLoadError(
                 f"the tower's head gives {tower.config.projection_dim}-d embeddings, the text encoder {text.dim}-d"
             )
+        if bank is not None and bank.keys.shape[1] != text.dim:
+            raise ModelLoadError(f"the query bank holds {bank.keys.shape[1]}-d rows, the text encoder gives {text.dim}-d")
         self.tower = tower.eval()
         self.text = text
         self.mean, self.std = tuple(mean), tuple(std)

@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 
 from geochat.errors import GeoChatError
-from geochat.train.align import AlignModel, build_query_bank, build_tower, load_align_data
-from geochat.train.dual_encoder import QUERY_BANK, TextEncoder, tower_weights
+from geochat.train.align import AlignModel, build_query_bank, load_align_data
+from geochat.train.dual_encoder import QUERY_BANK, TextEncoder, load_tower, tower_fingerprint, tower_weights
 from geochat.train.recipe import load_recipe
 
 
 def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) -> Path:
+    """Build the bank of the tower saved in `tower_dir` (as its own config describes it) from the recipe's
+    training images and captions, and write it beside the tower."""
     recipe = load_recipe(recipe_path)
     cfg = recipe.retrieval or recipe.align
     if cfg is None:
@@ -31,13 +33,13 @@ def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) 
     if not tower_weights(tower_dir).is_file():
         raise GeoChatError(f"{tower_dir} holds no trained tower ({tower_weights(tower_dir)} missing): "
                            "name the directory that holds vision/, e.g. adapters/geochat-mini/retrieval")
-    overrides = getattr(cfg, "vision", None)
-    tower = build_tower(recipe, overrides, tower_dir)
+    tower = load_tower(tower_dir)  # checks every weight against the saved config
     data = load_align_data(recipe, replace(cfg, val_split=None), tower, TextEncoder(), progress)  # train images only
     model = AlignModel(tower, cfg.temperature).eval()
     align = recipe.assistant_config("align")
-    bank = build_query_bank(model, data, torch.device("cpu"), align.image_mean, align.image_std)
-    return bank.save(tower_dir / QUERY_BANK)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bank = build_query_bank(model.to(device), data, device, align.image_mean, align.image_std)
+    return replace(bank, tower=tower_fingerprint(tower_dir)).save(tower_dir / QUERY_BANK)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,6 +78,8 @@ class AlignConfig:
             raise ValueError("align.label_weight must be >= 0")
         if not 0 < self.temperature < 1:
             raise ValueError("align.temperature must be in (0, 1)")
+        if self.captions not in ("one", "all"):
+            raise ValueError(f"captions must be 'one' or 'all', got {self.captions!r}")
 
 
 @dataclass(frozen=True)
@@ -210,9 +212,11 @@ def _build(cls: Any, data: Any, where: str) -> Any:
 
 
 def _value(hint: Any, value: Any, where: str) -> Any:
-    if value is None:
-        return None
     origin = get_origin(hint)
+    if value is None:
+        if origin in (Union, UnionType) and type(None) in get_args(hint):
+            return None
+        raise GeoChatError(f"{where}: a value is needed here (the key is empty); leave the key out for its default")
     candidates = [a for a in get_args(hint) if a is not type(None)] if origin in (Union, UnionType) else [hint]
     for option in candidates:
         if is_dataclass(option):
