@@ -206,6 +206,26 @@ def test_eight_concurrent_requests_are_answered_separately(
 
 # -- bad inputs ---------------------------------------------------------------------------------
 
+# A GDAL VRT that reads /etc/passwd as pixels: GDAL opens it whatever the upload is called.
+VRT = b"""<VRTDataset rasterXSize="40" rasterYSize="1">
+  <VRTRasterBand dataType="Byte" band="1" subClass="VRTRawRasterBand">
+    <SourceFilename relativetoVRT="0">/etc/passwd</SourceFilename>
+    <ImageOffset>0</ImageOffset><PixelOffset>1</PixelOffset><LineOffset>40</LineOffset>
+  </VRTRasterBand>
+</VRTDataset>"""
+
+
+def test_a_vrt_is_refused_as_an_upload_and_under_a_tif_name(tmp_path: Path) -> None:
+    from geochat.serving.images import UnsupportedImageFormatError, open_image
+    from geochat.serving.limits import ServingSettings
+
+    settings = ServingSettings(allowed_image_dirs=(tmp_path,))
+    disguised = tmp_path / "scene.tif"  # what a browser upload of a renamed VRT becomes
+    disguised.write_bytes(VRT)
+    for source in (VRT, disguised):
+        with pytest.raises(UnsupportedImageFormatError, match="VRT"):
+            open_image(source, settings)
+
 @pytest.mark.parametrize(("name", "status", "words"), [
     ("no messages", 400, "messages"),
     ("empty messages", 400, "messages"),
@@ -217,6 +237,7 @@ def test_eight_concurrent_requests_are_answered_separately(
     ("missing allowed file", 400, "not found"),
     ("corrupt image", 422, "corrupt.tif"),
     ("text as image", 422, "not a readable raster"),
+    ("vrt upload", 422, "VRT"),
     ("oversize upload", 413, "max_upload_bytes"),
     ("too many pixels", 413, "max_image_pixels"),
     ("prompt too long", 413, "max_prompt_chars"),
@@ -241,6 +262,7 @@ def test_bad_requests_get_4xx_with_a_message(
         "missing allowed file": {"messages": [user("hi", "no_such_file.tif")]},
         "corrupt image": {"messages": [user("hi", "corrupt.tif")]},
         "text as image": {"messages": [user("hi", data_url(geotiffs["text_as.tif"]))]},
+        "vrt upload": {"messages": [user("hi", "data:image/tiff;base64," + base64.b64encode(VRT).decode())]},
         "oversize upload": {"messages": [user("hi", data_url(geotiffs["rect_600x300_utm.tif"]))]},
         "too many pixels": {"messages": [user("hi", "sparse_20000.tif")]},
         "prompt too long": {"messages": [user("x" * 3000, png)]},

@@ -3,7 +3,9 @@
 The engine trusts its caller; a server must not. Before any pixel is decoded this module checks
 that a data URL is well-formed base64 of at most `max_upload_bytes`, that a path lies inside one of
 `allowed_image_dirs` (after resolving symlinks and `..`, so `examples/../../etc/passwd` is refused),
-and that the raster's header declares at most `max_image_pixels`. Each refusal is its own
+that the file is one of the raster formats a server reads (`check_image_format`: a GDAL VRT, for one,
+could point at any file or URL the server can reach), and that the raster's header declares at most
+`max_image_pixels`. Each refusal is its own
 `GeoChatError` subclass, so the API can answer with the right status code (400/403/413).
 """
 
@@ -28,6 +30,10 @@ class BadImageReferenceError(GeoChatError):
 
 class ImageAccessError(GeoChatError):
     """The path points outside the directories the server may read."""
+
+
+class UnsupportedImageFormatError(ImageryError):
+    """The file is not one of the formats a server reads from users (`check_image_format`)."""
 
 
 class ImageTooLargeError(ImageryError):
@@ -95,6 +101,24 @@ def image_source(reference: str, settings: ServingSettings) -> bytes | Path:
     return resolve_image_path(reference, settings)
 
 
+# The formats a server reads for its users, by their first bytes. Anything else is refused before GDAL sees
+# it: GDAL picks a driver by content, and a VRT (XML) or similar can point at any file or URL the server
+# itself can reach, whatever the upload's name or MIME type says.
+_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+",  # TIFF / BigTIFF (GeoTIFF, COG)
+          b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff",  # PNG, JPEG
+          b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ")  # JPEG 2000 (JP2 box, bare codestream)
+
+
+def check_image_format(head: bytes, name: str) -> None:
+    """Refuse a file whose first bytes are not GeoTIFF/COG, PNG, JPEG, JPEG 2000 or WebP."""
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return
+    raise UnsupportedImageFormatError(
+        f"{name} is not a readable raster for this server: send a GeoTIFF/COG, PNG, JPEG, JPEG 2000 or WebP "
+        "file (other formats, such as GDAL VRT, are refused)"
+    )
+
+
 def open_image(
     source: bytes | Path,
     settings: ServingSettings,
@@ -107,6 +131,11 @@ def open_image(
         raise ImageTooLargeError(
             f"image file is {size:,} bytes, more than max_upload_bytes={settings.max_upload_bytes:,}"
         )
+    if isinstance(source, bytes):
+        check_image_format(source[:16], "the uploaded image")
+    else:
+        with source.open("rb") as f:
+            check_image_format(f.read(16), source.name)
     info = read_info(source)
     if info.width * info.height > settings.max_image_pixels:
         raise ImageTooLargeError(
