@@ -108,6 +108,9 @@ def test_grounding_accuracy_rotated_and_one_to_one() -> None:
     assert grounding_accuracy([[ref, ref]], [[ref, other]]) == 0.5
     assert grounding_accuracy([[other, ref]], [[ref, other]]) == 1.0
     assert grounding_accuracy([[]], [[ref]]) == 0.0
+    # only as many predicted boxes as there are references count, first first: listing boxes scores nothing
+    assert grounding_accuracy([[other, ref]], [[ref]]) == 0.0
+    assert grounding_accuracy([[ref, other]], [[ref]]) == 1.0
 
 
 def test_vqa_normalisation_and_label_matching() -> None:
@@ -247,3 +250,37 @@ def test_cli_sample_is_seeded_and_keeps_every_label(scenes: Path, tiny_tower_dir
     every = sorted({r["label"] for r in map(json.loads, (scenes / "ann.jsonl").read_text().splitlines()) if r.get("label")})
     assert all(labels == every for _, labels in seen)  # a subset of rows still chooses among all the file's labels
     assert main([*args, "--sample", "0"]) == 2
+
+
+def test_ground_scores_boxes_in_the_raster_pixels_of_a_large_image(tmp_path: Path, tiny_assistant_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1500×1200 image is read at most 1024 px wide for the model; its boxes must still come back in the
+    file's own pixels, where the references are."""
+    from geochat import GeoChat
+    from geochat.eval.tasks import ground
+
+    Image.new("RGB", (1500, 1200), (90, 120, 60)).save(tmp_path / "big.png")
+    # grid box 10..50 of the 1500-px padded square (150 px of padding above and below): pixels 150..750, 0..600
+    (tmp_path / "ground.jsonl").write_text(json.dumps(
+        {"image": "big.png", "phrase": "the field", "boxes": [[150, 0, 750, 600]]}) + "\n")
+    chat = GeoChat.from_pretrained(str(tiny_assistant_dir))
+    monkeypatch.setattr(chat, "_generate", lambda *a, **k: "<p>the field</p> {<10><10><50><50>|<0>}")
+    result = ground(read_annotations(tmp_path / "ground.jsonl"), chat, progress=False)
+    assert result.metrics["acc@0.5"] == 1.0
+    assert np.allclose(result.predictions[0]["predicted"][0][:4], [150, 0, 750, 600], atol=1)
+
+
+def test_retrieve_merges_rows_of_one_image_and_classify_needs_two_labels(scenes: Path, tiny_tower_dir: Path,
+                                                                        tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [json.loads(line) for line in (scenes / "ann.jsonl").read_text().splitlines()][:3]
+    split = [{**r, "image": str(scenes / r["image"]), "captions": [c]} for r in rows for c in r["captions"]]
+    (tmp_path / "per_caption.jsonl").write_text("\n".join(json.dumps(r) for r in split) + "\n")
+    out = _run_json(capsys, "eval", "retrieve", "--annotations", str(tmp_path / "per_caption.jsonl"),
+                    "--model", str(tiny_tower_dir), "--json")
+    assert out["n"] == 3  # one gallery image per file, not one per row
+    one = [{**r, "image": str(scenes / r["image"]), "label": "airport"} for r in rows]
+    (tmp_path / "one_label.jsonl").write_text("\n".join(json.dumps(r) for r in one) + "\n")
+    assert main(["eval", "classify", "--annotations", str(tmp_path / "one_label.jsonl"),
+                 "--model", str(tiny_tower_dir)]) == 2
+    assert "pass --labels" in capsys.readouterr().err

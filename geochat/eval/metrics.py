@@ -147,7 +147,10 @@ def vqa_match(prediction: str, reference: str) -> bool:
 
 
 def grounding_hits(predicted: Sequence[Box], reference: Sequence[Box], threshold: float = 0.5) -> int:
-    """Reference boxes matched one-to-one (greedily, highest IoU first) with IoU >= threshold."""
+    """Reference boxes matched one-to-one (greedily, highest IoU first, as COCO matches) with IoU >= threshold.
+    Only the first len(reference) predicted boxes take part, in the model's order, so a model cannot score by
+    listing many boxes (for one referred object: its first box)."""
+    predicted = predicted[: len(reference)]
     pairs = sorted(
         ((rotated_iou(p, r), i, j) for i, p in enumerate(predicted) for j, r in enumerate(reference)), reverse=True
     )

@@ -74,9 +74,13 @@ def _image(row: Row) -> Path:
 
 
 def _rgb(row: Row) -> np.ndarray:
+    return _rgb_of(_image(row))
+
+
+def _rgb_of(path: Path) -> np.ndarray:
     from geochat.imagery import load_image
 
-    return load_image(_image(row)).rgb
+    return load_image(path).rgb
 
 
 def _answers(chat: Any, rows: Sequence[Row], message: str | Sequence[str], desc: str, progress: bool,
@@ -136,11 +140,17 @@ def _classification_result(rows: Sequence[Row], labels: Sequence[str], predicted
 
 
 def retrieve(rows: Sequence[Row], dual: Any, progress: bool = True) -> EvalResult:
-    image_emb = dual.embed_images([_rgb(r) for r in tqdm(rows, desc="images", disable=not progress)])
-    captions = [c for r in rows for c in r.captions]
-    caption_image = [i for i, r in enumerate(rows) for _ in r.captions]
+    """Recall@K both ways. Rows that name the same image file are one gallery image with all their captions
+    (a file with a row per caption would otherwise hold copies of an image that compete with each other)."""
+    images: dict[Path, list[str]] = {}
+    for r in rows:
+        images.setdefault(_image(r).resolve(), []).extend(r.captions)
+    paths = list(images)
+    image_emb = dual.embed_images([_rgb_of(p) for p in tqdm(paths, desc="images", disable=not progress)])
+    captions = [c for p in paths for c in images[p]]
+    caption_image = [i for i, p in enumerate(paths) for _ in images[p]]
     caption_emb = dual.embed_queries(captions)  # the search path: expanded where the tower has a query bank
-    return EvalResult({"task": "retrieve", "n": len(rows), **retrieval_recalls(image_emb, caption_emb, caption_image)})
+    return EvalResult({"task": "retrieve", "n": len(paths), **retrieval_recalls(image_emb, caption_emb, caption_image)})
 
 
 def caption(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
@@ -173,7 +183,9 @@ def _pixel_box(values: Sequence[float]) -> Box:
 def ground(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
     predicted, reference, preds = [], [], []
     for r in tqdm(rows, desc="ground", disable=not progress):
-        answer = chat.chat(_rgb(r), str(r.phrase), task="refer", max_new_tokens=GROUND_MAX_NEW_TOKENS)
+        # the file, not a decoded view: the engine maps boxes back to the raster's own pixels, in which the
+        # references are given (a view of a large image is reduced to at most 1024 px)
+        answer = chat.chat(_image(r), str(r.phrase), task="refer", max_new_tokens=GROUND_MAX_NEW_TOKENS)
         boxes = [_pixel_box(b.pixel) for b in answer.boxes]
         predicted.append(boxes)
         reference.append([_pixel_box(b) for b in r.boxes])
@@ -189,7 +201,11 @@ def labels_of(rows: Sequence[Row], given: str | None) -> list[str]:
         if len(labels) < 2:
             raise GeoChatError("--labels needs at least two comma-separated labels")
         return labels
-    return sorted({str(r.label) for r in rows})
+    found = sorted({str(r.label) for r in rows})
+    if len(found) < 2:
+        raise GeoChatError(f"the file's labelled rows name {len(found)} label(s) ({', '.join(found)}); zero-shot "
+                           "classification needs at least two to choose from: pass --labels \"a,b,...\"")
+    return found
 
 
 def load_dual(model: str | None) -> Any:
