@@ -463,6 +463,8 @@ def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path
 
 
 def test_align_recipe_with_labels_runs_and_validates(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    from geochat.errors import GeoChatError
+
     final = run_recipe(load_recipe(_recipe(tmp_path, data, tiny_llm_dir, _align(data, steps=2, label_weight=0.5))),
                        progress=False, use_accelerate=False)
     assert (final / "vision" / "model.safetensors").is_file()
@@ -476,6 +478,17 @@ def test_align_recipe_with_labels_runs_and_validates(tmp_path: Path, data: Path,
 
     with pytest.raises(ValueError, match="captions must be"):  # built in Python, not through the loader
         AlignConfig(annotations="a.jsonl", captions="some")  # type: ignore[arg-type]
+    base = yaml.safe_load(_recipe(tmp_path / "base", data, tiny_llm_dir, _align(data)).read_text())
+    for n, (change, words) in enumerate([
+        ({"model": {**base["model"], "vision": {**base["model"]["vision"], "hiden_size": 64}}}, "hiden_size"),
+        ({"model": {**base["model"], "vision": [1]}}, "must be a mapping"),
+        ({"model": {**base["model"], "lora": {"target_modules": 5}}}, "list of module names"),
+        ({"align": {**base["align"], "optim": {"lr": "fast"}}}, "expected a number"),
+    ]):
+        bad = tmp_path / f"bad-{n}.yaml"
+        bad.write_text(yaml.safe_dump({**base, **change}))
+        with pytest.raises(GeoChatError, match=words):
+            load_recipe(bad)
 
 
 def test_align_stage_with_all_captions_trains_and_resumes(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
@@ -485,12 +498,16 @@ def test_align_stage_with_all_captions_trains_and_resumes(tmp_path: Path, data: 
     recipe = load_recipe(_recipe(tmp_path / "b", data, tiny_llm_dir, stages))
     with pytest.raises(TrainingInterrupted):
         run_recipe(recipe, progress=False, stop_after=2, use_accelerate=False)
+    stage = tmp_path / "b" / "out" / "align"  # as if killed between the checkpoint save's two renames
+    (stage / "checkpoint").rename(stage / ".checkpoint.old")
     resumed = run_recipe(recipe, resume=True, progress=False, use_accelerate=False)
     a, b = load_file(str(straight / "vision" / "model.safetensors")), load_file(str(resumed / "vision" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     log = [json.loads(x) for x in (tmp_path / "a" / "out" / "align" / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    steps = [r["step"] for r in map(json.loads, (stage / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 4  # continued from step 2, not started again
 
 
 def test_all_stages_give_an_assistant_that_chats(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
@@ -602,3 +619,16 @@ def test_shipped_dual_encoder_uses_its_search_tower_on_real_scenes(shared_data: 
     scores = dual.embed_images([read_rgb(shared_data / "rsicd" / r["image"]) for r in test]) @ dual.embed_labels(labels).T
     hits = sum(labels[i] == r["label"] for i, r in zip(scores.argmax(1), test, strict=True))
     assert hits >= 18, hits
+
+
+def test_conversation_files_that_are_not_llava_lists_are_one_clear_error(tmp_path: Path, tiny_llm_dir: Path) -> None:
+    from geochat.errors import GeoChatError
+    from geochat.train.chat import load_conversations
+    from geochat.train.recipe import ChatStageConfig
+
+    assistant = build_assistant(tiny_config(tiny_llm_dir))
+    cfg = ChatStageConfig(conversations="c.json")
+    for text, words in (("[{not json", "not valid JSON"), ('{"a": 1}', "JSON list"), ("[1, 2]", "not a LLaVA object")):
+        (tmp_path / "c.json").write_text(text)
+        with pytest.raises(GeoChatError, match=words):
+            load_conversations(tmp_path / "c.json", cfg, assistant, 0)

@@ -95,7 +95,10 @@ def load_conversations(path: Path, cfg: ChatStageConfig, assistant: Assistant, s
     """(train, val) samples of a LLaVA JSON file, tokenised; over-long samples are skipped."""
     if not path.is_file():
         raise GeoChatError(f"conversation file not found: {path}")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GeoChatError(f"{path} is not valid JSON ({exc}); it should be a LLaVA-format list") from exc
     if not isinstance(data, list):
         raise GeoChatError(f"{path}: expected a JSON list of LLaVA samples")
     order = list(range(len(data)))
@@ -104,6 +107,9 @@ def load_conversations(path: Path, cfg: ChatStageConfig, assistant: Assistant, s
     out: list[Encoded] = []
     for i in order:
         sample = data[i]
+        if not isinstance(sample, dict):
+            raise GeoChatError(f"{path}: sample {i} is a {type(sample).__name__}, not a LLaVA object "
+                               '{"image": ..., "conversations": [...]}')
         try:
             ids, labels = encode_conversation(assistant, sample["conversations"])
         except (KeyError, ValueError) as exc:

@@ -7,7 +7,8 @@ uninterrupted run, and ends with the same weights.
 
 A checkpoint (`checkpoint/` in the stage directory) holds the trainable tensors (safetensors), the
 optimizer state, the step and the loss history; it is written to a temporary directory and renamed,
-so a kill during a save leaves the previous checkpoint intact. Distributed runs go through
+so a kill during a save leaves the previous checkpoint intact (as `.checkpoint.old` if the kill falls between
+the two renames; resuming reads it then). Distributed runs go through
 `accelerate` (one CPU process is the degenerate case); only the main process writes.
 """
 
@@ -122,6 +123,9 @@ class Trainer:
 
     def load_checkpoint(self) -> bool:
         ckpt = self.directory / CHECKPOINT
+        old = self.directory / f".{CHECKPOINT}.old"
+        if not (ckpt / "state.json").is_file() and (old / "state.json").is_file():
+            ckpt = old  # killed between save_checkpoint's two renames: the previous checkpoint is whole
         if not (ckpt / "state.json").is_file():
             return False
         module = _unwrap(self.module)

@@ -48,6 +48,21 @@ class OptimConfig:
             raise ValueError("optim.warmup_steps must be in [0, max_steps]")
 
 
+def check_tower_keys(vision: Any, where: str) -> None:
+    """`vision` must be a mapping of the hybrid tower's settings: a misspelt key (`hiden_size`) would be
+    kept and ignored by the config class, silently training the default size."""
+    from inspect import signature
+
+    from geochat.model.hybrid_tower import GeoHybridVisionConfig
+
+    if not isinstance(vision, dict):
+        raise ValueError(f"{where} must be a mapping of the tower's settings, got {type(vision).__name__}")
+    known = set(signature(GeoHybridVisionConfig.__init__).parameters) - {"self"} | {"model_type"}
+    unknown = sorted(set(vision) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; the tower's settings are {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class AlignConfig:
     """Contrastive stage over an annotations JSONL with captions (RSICD's format)."""
@@ -113,6 +128,10 @@ class RetrievalConfig(AlignConfig):
     from_align: bool = True           # start from the align stage's tower (else from ImageNet's stem alone)
     query_bank: bool = False          # also write retrieval/query_bank.safetensors (search-query expansion)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_tower_keys(self.vision, "retrieval.vision")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -145,6 +164,7 @@ class ModelSection:
     description: str = ""
 
     def __post_init__(self) -> None:
+        check_tower_keys(self.vision, "vision")
         if self.vision.get("model_type") != "geochat_hybrid_vision":
             raise ValueError("recipes train the hybrid tower (vision.model_type: geochat_hybrid_vision)")
         if self.quantization not in (None, "4bit", "8bit"):
@@ -207,7 +227,7 @@ def _build(cls: Any, data: Any, where: str) -> Any:
         kwargs[key] = _value(hints[key], value, f"{where}.{key}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         raise GeoChatError(f"{where}: {exc}") from exc
 
 
@@ -222,6 +242,8 @@ def _value(hint: Any, value: Any, where: str) -> Any:
         if is_dataclass(option):
             data = dict(value) if isinstance(value, dict) else value
             if isinstance(data, dict) and "target_modules" in data:
+                if not isinstance(data["target_modules"], list):
+                    raise GeoChatError(f"{where}.target_modules: expected a list of module names")
                 data["target_modules"] = tuple(data["target_modules"])
             return _build(option, data, where)
     choices = [c for option in candidates if get_origin(option) is Literal for c in get_args(option)]

@@ -1,6 +1,6 @@
 """Run a recipe: its stages in order, each in its own directory, each starting from the last.
 
-    OUTPUT/recipe.yaml            the recipe as run
+    OUTPUT/recipe.json            the recipe as run
     OUTPUT/align/                 log.jsonl, loss.png, checkpoint/, vision/ (the aligned tower), done.json
     OUTPUT/pretrain/assistant/    an assistant directory after pretraining
     OUTPUT/instruct/assistant/    ... after instruction tuning
@@ -10,6 +10,8 @@
                                   with the search tower as assistant/retrieval/vision/ when there is one
 
 `resume=True` skips finished stages (`done.json`) and continues an unfinished one from its checkpoint.
+Under `accelerate launch` every process trains, only the main one writes files, and all of them wait for
+it after each stage, so a stage never reads what the previous one is still writing.
 """
 
 from __future__ import annotations
@@ -36,14 +38,24 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
                stop_after: int | None = None, use_accelerate: bool = True) -> Path:
     """Train every stage of `recipe`; returns the final directory. `stop_after` simulates a kill (tests)."""
     out = output or recipe.path(recipe.output)
+    accelerator = _accelerator() if use_accelerate else None
+    main = accelerator is None or accelerator.is_main_process
+
+    def everyone_here() -> None:  # no process goes on before the main one has written
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+
+    if out.exists() and not out.is_dir():
+        raise GeoChatError(f"--output {out} is a file; name a directory")
     if out.exists() and any(out.iterdir()) and not resume:
         raise GeoChatError(f"{out} is not empty: pass --resume to continue that run, or another --output")
-    out.mkdir(parents=True, exist_ok=True)
-    accelerator = _accelerator() if use_accelerate else None
-    (out / "recipe.json").write_text(json.dumps(_jsonable(recipe), indent=2))
     previous: Path | None = recipe.path(recipe.init) if recipe.init else None
     if previous is not None and not previous.is_dir():
         raise GeoChatError(f"init directory not found: {previous}")
+    everyone_here()  # every process has checked `out` before the main one writes into it
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(_jsonable(recipe), indent=2))
     retrieval: Path | None = None
     for stage in recipe.stages:
         directory = out / stage
@@ -71,12 +83,22 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
             cfg = recipe.pretrain if stage == "pretrain" else recipe.instruct
             assert cfg is not None
             run_chat_stage(recipe, stage, cfg, directory, previous, accelerator, resume, progress, stop_after)
-        done.write_text(json.dumps({"stage": stage}))
+        everyone_here()
+        if main:
+            done.write_text(json.dumps({"stage": stage}))
         if stage == "retrieval":
             retrieval = result
         else:
             previous = result
     final = out / FINAL
+    if main:
+        _assemble(recipe, final, previous, retrieval)
+    everyone_here()
+    return final
+
+
+def _assemble(recipe: Recipe, final: Path, previous: Path | None, retrieval: Path | None) -> None:
+    """OUTPUT/assistant/: the last chat stage's assistant (or the aligned tower) and the search tower."""
     if previous is not None and previous != final:
         shutil.rmtree(final, ignore_errors=True)
         if previous.name == FINAL:
@@ -91,7 +113,6 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
     if recipe.run.save_dtype == "float16":
         for path in sorted(final.rglob("*.safetensors")):
             store_as_float16(path)
-    return final
 
 
 def store_as_float16(path: Path) -> None:
