@@ -21,6 +21,7 @@ queue instead of trampling each other's caches.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -314,6 +315,8 @@ class GeoChat:
             raise GeoChatError("a region needs an image")
         if len(region) not in (4, 5):
             raise GeoChatError("a region is x1,y1,x2,y2 or x1,y1,x2,y2,theta in pixels")
+        if not all(math.isfinite(float(v)) for v in region):
+            raise GeoChatError(f"region {list(region)} holds a value that is not a finite number")
         x1, y1, x2, y2 = region[:4]
         w, h = loaded.info.width, loaded.info.height
         if not (0 <= min(x1, x2) and max(x1, x2) <= w and 0 <= min(y1, y2) and max(y1, y2) <= h):
@@ -368,6 +371,9 @@ class GeoChat:
                     # LLaVA takes pre-encoded image features as a list of (N, H) tensors, one per image.
                     "image": BaseModelOutputWithPooling(pooler_output=list(session.image_features))  # type: ignore[arg-type]
                 }
+        # `generate` grows the cache in place: until it succeeds the session holds none, so a failure
+        # cannot leave keys and values that no longer match `cached_ids`
+        session.cache, session.cached_ids = None, None
         out = a.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),

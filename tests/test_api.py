@@ -26,7 +26,7 @@ from PIL import Image
 
 from geochat import GeoChat, Turn
 from geochat.imagery import load_image
-from geochat.prompting import build_user_message
+from geochat.prompting import build_user_message, prompt_facts
 from geochat.serving import ServingSettings, create_app
 from geochat.serving.limits import QueueFullError, RequestQueue
 from tests.tiny import tiny_config
@@ -179,7 +179,8 @@ def test_multi_turn_uses_earlier_messages_as_history(client: OpenAI, gc: GeoChat
         user("what is this?", data_url(path)), {"role": "assistant", "content": a1}, user("and the roads?"),
     ])
     loaded = load_image(path.read_bytes())  # as the server reads a data URL
-    history = [Turn(build_user_message("what is this?", facts=loaded.facts), a1)]
+    history = [Turn(build_user_message("what is this?", facts=prompt_facts(loaded.facts)), a1)]
+    assert history[0].user == gc.chat(loaded, "what is this?").as_turn().user  # the prompt turn 1 really had
     assert second.choices[0].message.content == gc.chat(loaded, "and the roads?", history=history).answer
 
 
@@ -235,12 +236,17 @@ def test_a_vrt_is_refused_as_an_upload_and_under_a_tif_name(tmp_path: Path) -> N
     ("remote url", 400, "remote"),
     ("outside allowed dirs", 403, "outside"),
     ("missing allowed file", 400, "not found"),
+    ("nul in path", 400, "cannot be a file name"),
+    ("path too long", 400, "cannot be a file name"),
+    ("deep json", 400, "too deeply"),
     ("corrupt image", 422, "corrupt.tif"),
     ("text as image", 422, "not a readable raster"),
     ("vrt upload", 422, "VRT"),
     ("oversize upload", 413, "max_upload_bytes"),
     ("too many pixels", 413, "max_image_pixels"),
     ("prompt too long", 413, "max_prompt_chars"),
+    ("too many labels", 413, "labels"),
+    ("labels too long", 413, "max_prompt_chars"),
     ("ends with assistant", 400, "end with a user message"),
     ("two images", 400, "one image"),
     ("identify without region", 400, "region"),
@@ -260,12 +266,18 @@ def test_bad_requests_get_4xx_with_a_message(
         "remote url": {"messages": [user("hi", "https://example.com/a.png")]},
         "outside allowed dirs": {"messages": [user("hi", "/etc/passwd")]},
         "missing allowed file": {"messages": [user("hi", "no_such_file.tif")]},
+        "nul in path": {"messages": [user("hi", "a\x00b.tif")]},
+        "path too long": {"messages": [user("hi", "x" * 300 + ".tif")]},
+        "deep json": b"[" * 100_000 + b"]" * 100_000,
         "corrupt image": {"messages": [user("hi", "corrupt.tif")]},
         "text as image": {"messages": [user("hi", data_url(geotiffs["text_as.tif"]))]},
         "vrt upload": {"messages": [user("hi", "data:image/tiff;base64," + base64.b64encode(VRT).decode())]},
         "oversize upload": {"messages": [user("hi", data_url(geotiffs["rect_600x300_utm.tif"]))]},
         "too many pixels": {"messages": [user("hi", "sparse_20000.tif")]},
         "prompt too long": {"messages": [user("x" * 3000, png)]},
+        "too many labels": {"messages": [user("which?", png)], "task": "classify",
+                            "labels": [f"class{i}" for i in range(500)]},
+        "labels too long": {"messages": [user("which?", png)], "task": "classify", "labels": ["a" * 3000, "b"]},
         "ends with assistant": {"messages": [user("hi", png), {"role": "assistant", "content": "hello"}]},
         "two images": {"messages": [user("hi", png), {"role": "assistant", "content": "a"},
                                     user("and this?", data_url(png_bytes(5), "image/png"))]},

@@ -101,6 +101,9 @@ def test_identify_requires_region_inside_image(gc: GeoChat) -> None:
         gc.chat(_image(), "what is here?", task="identify")
     with pytest.raises(GeoChatError, match="outside the image"):
         gc.chat(_image(), "what is here?", task="identify", region=[0, 0, 500, 10])
+    for bad in ([0, 0, float("nan"), 10], [0, 0, 10, 10, float("inf")]):  # NaN slips past min/max checks
+        with pytest.raises(GeoChatError, match="not a finite number"):
+            gc.chat(_image(), "what is here?", task="identify", region=bad)
     answer = gc.chat(_image(), "what is here?", task="identify", region=[5, 5, 30, 20])
     assert "[identify]" in answer.prompt and "{<" in answer.prompt
 
@@ -208,3 +211,26 @@ def test_classify_with_labels_answers_exactly_one_label(gc: GeoChat) -> None:
     if len(parking) > len(park) and parking[: len(park)] == park:
         assert parking[len(park)] in after_park  # ... or go on to "parking"
     assert set(allowed(0, torch.tensor([7, 8, *parking]))) == eos
+
+
+def test_a_failed_generation_leaves_no_cache_that_disagrees_with_its_ids(gc: GeoChat,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    image = _image()
+    gc._sessions.clear()
+    first = gc.chat(image, "what is this?")
+    (session,) = gc._sessions.values()
+    assert session.cache is not None
+    real = gc.assistant.model.generate
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        real(*args, **{**kwargs, "max_new_tokens": 2})  # grows the cache in place, then fails
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(gc.assistant.model, "generate", interrupted)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        gc.chat(image, "and the roads?", history=[first.as_turn()])
+    monkeypatch.undo()
+    assert session.cache is None and session.cached_ids is None
+    again = gc.chat(image, "and the roads?", history=[first.as_turn()])
+    gc._sessions.clear()
+    assert again.answer == gc.chat(image, "and the roads?", history=[first.as_turn()]).answer

@@ -32,7 +32,7 @@ from geochat.answer import Answer, Turn
 from geochat.engine import GeoChat
 from geochat.errors import GeoChatError, ImageryError
 from geochat.imagery import LoadedImage
-from geochat.prompting import Task, build_user_message
+from geochat.prompting import Task, build_user_message, prompt_facts
 from geochat.serving.images import (
     BadImageReferenceError,
     ImageAccessError,
@@ -45,6 +45,8 @@ from geochat.serving.render import AppendOnly, feature_collection, live_split
 from geochat.serving.session import NEEDS_IMAGE
 
 logger = logging.getLogger(__name__)
+
+MAX_LABELS = 200  # `labels` of one request: each goes into the prompt and into every decoding step's constraint
 
 
 # -- request shapes (OpenAI's, plus geochat's extra fields) --------------------------------------
@@ -183,6 +185,8 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"request body is not valid JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise ApiError(400, "request body nests JSON too deeply") from exc
 
     def parse(model: type[BaseModel], data: Any) -> Any:
         try:
@@ -204,7 +208,9 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
             text, refs = _split_content(m)
             texts.append((m.role, text))
             images.extend(refs)
-        total = sum(len(t) for _, t in texts)
+        if req.labels is not None and len(req.labels) > MAX_LABELS:
+            raise ApiError(413, f"{len(req.labels):,} labels, more than {MAX_LABELS}; classify against fewer")
+        total = sum(len(t) for _, t in texts) + sum(len(label) for label in req.labels or ())
         if total > settings.max_prompt_chars:
             raise ApiError(413, f"messages hold {total:,} characters, more than max_prompt_chars={settings.max_prompt_chars:,}")
         if len(set(images)) > 1:
@@ -220,8 +226,8 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
             else:
                 if pending is None:
                     raise ApiError(400, "an assistant message must follow a user message")
-                # Rebuilt as the engine built it: image facts go into the first turn only.
-                facts = loaded.facts if loaded is not None and not turns else None
+                # Rebuilt as the engine built it: the prompt's facts (`prompt_facts`) in the first turn only.
+                facts = prompt_facts(loaded.facts) if loaded is not None and not turns else None
                 turns.append(Turn(_rebuild(pending, facts), text))
                 pending = None
         if pending is not None:

@@ -69,16 +69,20 @@ def resolve_image_path(reference: str, settings: ServingSettings) -> Path:
     resolved real path must lie inside an allowed directory either way.
     """
     text = reference.removeprefix("file://")
-    path = Path(text).expanduser()
-    candidates = [path] if path.is_absolute() else [*(d / path for d in settings.allowed_image_dirs), path]
     allowed_dirs = ", ".join(str(d) for d in settings.allowed_image_dirs) or "(none)"
-    for candidate in candidates:
-        real = candidate.resolve()
-        if not any(real.is_relative_to(d) for d in settings.allowed_image_dirs):
-            continue
-        if real.is_file():
-            return real
-    if any(c.resolve().is_relative_to(d) for c in candidates for d in settings.allowed_image_dirs):
+    try:
+        path = Path(text).expanduser()
+        candidates = [path] if path.is_absolute() else [*(d / path for d in settings.allowed_image_dirs), path]
+        for candidate in candidates:
+            real = candidate.resolve()
+            if not any(real.is_relative_to(d) for d in settings.allowed_image_dirs):
+                continue
+            if real.is_file():
+                return real
+        inside = any(c.resolve().is_relative_to(d) for c in candidates for d in settings.allowed_image_dirs)
+    except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a name too long, ~nosuchuser
+        raise BadImageReferenceError(f"image path {reference[:80]!r} cannot be a file name here ({exc})") from exc
+    if inside:
         raise BadImageReferenceError(f"image file not found: {reference}")
     raise ImageAccessError(
         f"image path {reference!r} is outside the directories this server may read ({allowed_dirs}); "
