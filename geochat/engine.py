@@ -106,32 +106,54 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+class StreamCancelled(Exception):
+    """Raised inside generation when the stream's consumer has gone (`AnswerStream.cancel`)."""
+
+
 class AnswerStream:
-    """Iterate for text pieces as they are generated; `.answer` holds the full `Answer` afterwards."""
+    """Iterate for text pieces as they are generated; `.answer` holds the full `Answer` afterwards.
+
+    Generation runs in a worker thread. When the consumer stops early (it closes the iterator, or calls
+    `cancel()`: a client that disconnected, a browser tab that closed), generation stops at its next
+    text piece and gives the model back to the other users, instead of running on to `max_new_tokens`.
+    """
 
     def __init__(self, run: Callable[[TextCallback], Answer]) -> None:
         self._run = run
+        self._cancelled = threading.Event()
         self.answer: Answer | None = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
 
     def __iter__(self) -> Iterator[str]:
         queue: Queue[tuple[str, Any]] = Queue()
 
+        def on_text(piece: str) -> None:
+            if self._cancelled.is_set():
+                raise StreamCancelled("the stream's consumer has gone")
+            queue.put(("text", piece))
+
         def worker() -> None:
             try:
-                queue.put(("done", self._run(lambda piece: queue.put(("text", piece)))))
+                queue.put(("done", self._run(on_text)))
             except BaseException as exc:  # handed to the consumer thread, re-raised there
                 queue.put(("error", exc))
 
         threading.Thread(target=worker, daemon=True).start()
-        while True:
-            kind, value = queue.get()
-            if kind == "text":
-                yield value
-            elif kind == "done":
-                self.answer = value
-                return
-            else:
-                raise value
+        try:
+            while True:
+                kind, value = queue.get()
+                if kind == "text":
+                    yield value
+                elif kind == "done":
+                    self.answer = value
+                    return
+                else:
+                    raise value
+        finally:
+            if self.answer is None:  # left early: stop the worker's generation
+                self.cancel()
 
 
 class GeoChat:

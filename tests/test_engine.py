@@ -234,3 +234,17 @@ def test_a_failed_generation_leaves_no_cache_that_disagrees_with_its_ids(gc: Geo
     again = gc.chat(image, "and the roads?", history=[first.as_turn()])
     gc._sessions.clear()
     assert again.answer == gc.chat(image, "and the roads?", history=[first.as_turn()]).answer
+
+
+def test_an_abandoned_stream_stops_generating_and_frees_the_model(gc: GeoChat) -> None:
+    image = _image()
+    gc._sessions.clear()
+    stream = gc.stream(image, "Describe this image.", max_new_tokens=400)
+    pieces = iter(stream)
+    assert isinstance(next(pieces), str)
+    pieces.close()  # the client went away after the first piece
+    assert gc._lock.acquire(timeout=30)  # the worker stops at its next piece and lets go of the model
+    gc._lock.release()
+    (session,) = gc._sessions.values()
+    assert stream.answer is None and session.cache is None  # generation was cut short, not run to the end
+    assert gc.chat(image, "Describe this image.", max_new_tokens=4).answer is not None

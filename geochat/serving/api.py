@@ -388,5 +388,7 @@ async def _sse(meta: dict[str, Any], stream: Any, pieces: Iterator[str], first: 
         logger.exception("streaming failed")
         yield f"data: {json.dumps(error_body(f'internal error ({type(exc).__name__}: {exc})', 'server_error'))}\n\n".encode()
     finally:
+        if stream.answer is None:  # the client left (or the stream failed): stop generating for nobody
+            stream.cancel()
         release()
     yield b"data: [DONE]\n\n"
