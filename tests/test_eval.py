@@ -284,3 +284,21 @@ def test_retrieve_merges_rows_of_one_image_and_classify_needs_two_labels(scenes:
     assert main(["eval", "classify", "--annotations", str(tmp_path / "one_label.jsonl"),
                  "--model", str(tiny_tower_dir)]) == 2
     assert "pass --labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("row", "words"), [
+    ({"image": "a.png", "captions": 5}, "list of sentences"),
+    ({"image": "a.png", "label": ["a"]}, "'label' must be text"),
+    ({"image": "a.png", "phrase": {"x": 1}}, "'phrase' must be text"),
+    ({"image": "a.png", "phrase": "p", "boxes": [[1, 2, float("inf"), 4]]}, "finite"),
+    ({"image": "a.png", "phrase": "p", "boxes": [[1, 2, 1, 4]]}, "no area"),
+])
+def test_rows_of_the_wrong_types_are_one_clear_error(tmp_path: Path, row: dict, words: str) -> None:
+    from geochat.errors import GeoChatError
+
+    (tmp_path / "a.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(GeoChatError, match=words):
+        read_annotations(tmp_path / "a.jsonl")
+    mixed = [{"image": "a.png", "question": "q", "answer": 3, "type": 3}, {"image": "a.png", "type": "count"}]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in mixed) + "\n")
+    assert [r.type for r in read_annotations(tmp_path / "b.jsonl")] == ["3", "count"]  # sortable together

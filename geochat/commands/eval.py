@@ -15,7 +15,8 @@ HELP = {
     "retrieve": "text→image and image→text Recall@1/5/10 with the dual encoder",
     "caption": "BLEU-1..4, METEOR, ROUGE-L, CIDEr of the assistant's captions",
     "vqa": "VQA accuracy, by question type",
-    "ground": "referring grounding acc@0.5 (rotated IoU)",
+    "ground": "referring grounding acc@0.5 (rotated IoU; boxes [x1, y1, x2, y2, theta?] in the image's pixels, "
+              "theta in degrees; the first N predicted boxes are matched to N references)",
 }
 
 
