@@ -554,6 +554,26 @@ def test_accelerate_launch_one_cpu_process(tmp_path: Path, data: Path, tiny_llm_
 
 
 @pytest.mark.slow
+def test_two_cpu_processes_train_the_recipe_and_write_once(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    """`torchrun --nproc_per_node 2` (gloo on the CPU): data-parallel align, pretrain and instruct (LoRA +
+    MoE-LoRA) stages; only rank 0 writes, the others wait for it between stages. (DeepSpeed and FSDP need
+    GPUs: their configs are only parsed here.)"""
+    chat = {"conversations": str(data / "conv.json"), "val_samples": 0, "max_length": 256,
+            "optim": {"lr": 1e-3, "batch_size": 2, "max_steps": 2}}
+    path = _recipe(tmp_path, data, tiny_llm_dir, {**_align(data, steps=2), "pretrain": chat, "instruct": chat},
+                   lora={"r": 4, "alpha": 8, "dropout": 0.0},
+                   moe={"num_experts": 3, "top_k": 1, "r": 2, "alpha": 4, "target_modules": ["gate_proj"]})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "geochat.train", str(path), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = tmp_path / "out" / "assistant"
+    assert (final / "projector.safetensors").is_file() and (final / "vision" / "model.safetensors").is_file()
+    assert GeoChat.from_pretrained(final, max_new_tokens=2).model_info.name != ""
+
+
+@pytest.mark.slow
 def test_shipped_default_model_loads_and_answers() -> None:
     directory = REPO / "adapters" / "geochat-mini"
     if not (directory / "geochat_config.json").is_file():

@@ -262,6 +262,10 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
             raise GeoChatError(f"model.vision.projection_dim must be {text_encoder.dim} (the text encoder's size)")
         data = load_align_data(recipe, cfg, tower, text_encoder, progress)
     pixels = from_pixels(tower)
+    if not pixels and not tower.stem_is_frozen:
+        # a trainable conv stem whose output is cached never runs here, so it cannot train (and under DDP
+        # a trained parameter that is never used is an error)
+        tower.stem.requires_grad_(False)
 
     model = AlignModel(tower, cfg.temperature)
     trainer = Trainer(stage, model, cfg.optim, recipe.run, directory, accelerator,
