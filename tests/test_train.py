@@ -652,3 +652,27 @@ def test_conversation_files_that_are_not_llava_lists_are_one_clear_error(tmp_pat
         (tmp_path / "c.json").write_text(text)
         with pytest.raises(GeoChatError, match=words):
             load_conversations(tmp_path / "c.json", cfg, assistant, 0)
+
+
+def test_under_deepspeed_the_trainer_names_the_micro_batch_and_refuses_grad_accum(tmp_path: Path) -> None:
+    """DeepSpeed is not installed on the CPU test machine; this checks what the trainer tells accelerate's plugin
+    (without a DataLoader, accelerate needs `train_micro_batch_size_per_gpu` set before `prepare`)."""
+    from types import SimpleNamespace
+
+    from geochat.errors import GeoChatError
+    from geochat.train.loop import Trainer
+    from geochat.train.recipe import OptimConfig, RunConfig
+
+    plugin = SimpleNamespace(deepspeed_config={"zero_stage": 2})
+    seen = {}
+
+    def prepare(module: torch.nn.Module, optimizer: object) -> tuple:
+        seen.update(plugin.deepspeed_config)
+        return module, optimizer
+
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=4, prepare=prepare,
+                                  is_main_process=True)
+    Trainer("t", torch.nn.Linear(2, 2), OptimConfig(batch_size=64), RunConfig(), tmp_path, accelerator)
+    assert seen["train_micro_batch_size_per_gpu"] == 16
+    with pytest.raises(GeoChatError, match="grad_accum"):
+        Trainer("t", torch.nn.Linear(2, 2), OptimConfig(batch_size=64, grad_accum=2), RunConfig(), tmp_path, accelerator)

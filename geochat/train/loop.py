@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from geochat.errors import GeoChatError
 from geochat.train.recipe import OptimConfig, RunConfig
 
 CHECKPOINT = "checkpoint"
@@ -86,6 +87,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
         self.accelerator = accelerator
         if accelerator is not None:
+            deepspeed = accelerator.state.deepspeed_plugin
+            if deepspeed is not None:  # DeepSpeed sizes its engine from a micro batch: no DataLoader tells it here
+                if optim.grad_accum > 1:
+                    raise GeoChatError(f"stage {name}: grad_accum > 1 is not supported under DeepSpeed (its engine "
+                                       "accumulates on its own); raise optim.batch_size instead")
+                deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
+                    1, optim.batch_size // accelerator.num_processes)
             self.module, self.optimizer = accelerator.prepare(self.module, self.optimizer)
         self.history = History()
         self.step = 0
