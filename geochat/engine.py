@@ -160,6 +160,8 @@ class GeoChat:
     """Chat about remote-sensing images. Thread-safe; one instance serves many users."""
 
     def __init__(self, assistant: Assistant, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
+        if max_new_tokens < 1:
+            raise GeoChatError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.assistant = assistant
         self.max_new_tokens = max_new_tokens
         self.retriever: Any | None = None  # set by the retrieval layer: .search(query, k) -> list[Passage]
@@ -242,6 +244,8 @@ class GeoChat:
             streamer = _TimedStreamer(self.assistant.tokenizer, on_text)
             gen_start = time.perf_counter()
             allowed = label_constraint(self.assistant, task, labels, len(ids), cot)
+            if max_new_tokens is not None and max_new_tokens < 1:
+                raise GeoChatError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
             raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer, allowed)
         ttft = (streamer.first_token_at or time.perf_counter()) - gen_start + encode_s
         reasoning, final = split_reasoning(raw) if cot else (None, raw)

@@ -342,3 +342,13 @@ def test_queue_waits_then_refuses_when_full() -> None:
         assert queue.running == 0 and queue.waiting == 0
 
     asyncio.run(scenario())
+
+
+def test_line_wrapped_base64_is_accepted() -> None:
+    from geochat.serving.images import decode_data_url
+    from geochat.serving.limits import ServingSettings
+
+    raw = png_bytes(3)
+    wrapped = base64.encodebytes(raw).decode()  # 76-character lines, as `base64` prints without -w0
+    assert "\n" in wrapped
+    assert decode_data_url("data:image/png;base64," + wrapped, ServingSettings()) == raw

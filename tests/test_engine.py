@@ -248,3 +248,10 @@ def test_an_abandoned_stream_stops_generating_and_frees_the_model(gc: GeoChat) -
     (session,) = gc._sessions.values()
     assert stream.answer is None and session.cache is None  # generation was cut short, not run to the end
     assert gc.chat(image, "Describe this image.", max_new_tokens=4).answer is not None
+
+
+def test_max_new_tokens_below_one_is_refused(gc: GeoChat) -> None:
+    with pytest.raises(GeoChatError, match="max_new_tokens must be at least 1"):
+        gc.chat(_image(), "what is this?", max_new_tokens=-1)
+    with pytest.raises(GeoChatError, match="max_new_tokens must be at least 1"):
+        GeoChat(gc.assistant, max_new_tokens=0)

@@ -178,6 +178,12 @@ def _run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def test_repeated_labels_count_once() -> None:
+    from geochat.eval.tasks import labels_of
+
+    assert labels_of([], "forest, river,forest,,") == ["forest", "river"]
+
+
 def test_annotations_split_filter(scenes: Path) -> None:
     assert len(read_annotations(scenes / "ann.jsonl")) == 7
     assert len(read_annotations(scenes / "ann.jsonl", "test")) == 6

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
     if not args.no_retrieval:
         gc.retriever = _retriever(args)
-    labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
     if args.tile:
         if image_path is None or args.region:
             raise GeoChatError("--tile needs an image and does not take --region")

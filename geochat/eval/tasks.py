@@ -197,7 +197,7 @@ def ground(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
 def labels_of(rows: Sequence[Row], given: str | None) -> list[str]:
     """`--labels "a,b"` as written, else the sorted set of labels in the file."""
     if given:
-        labels = [s.strip() for s in given.split(",") if s.strip()]
+        labels = list(dict.fromkeys(s.strip() for s in given.split(",") if s.strip()))  # repeats once
         if len(labels) < 2:
             raise GeoChatError("--labels needs at least two comma-separated labels")
         return labels

@@ -47,7 +47,7 @@ def decode_data_url(url: str, settings: ServingSettings) -> bytes:
         raise BadImageReferenceError(
             "image data URL must look like data:image/png;base64,<base64 data> (base64 encoding is required)"
         )
-    payload = url[m.end():]
+    payload = re.sub(r"\s+", "", url[m.end():])  # `base64` wraps lines at 76 characters unless told -w0
     if len(payload) * 3 // 4 > settings.max_upload_bytes:
         raise ImageTooLargeError(
             f"image is about {len(payload) * 3 // 4:,} bytes, more than max_upload_bytes="

@@ -59,7 +59,8 @@ def theme() -> gr.themes.Base:
 
 def build_ui(logic: SessionLogic) -> gr.Blocks:
     model_name = logic.gc.model_info.name
-    with gr.Blocks(title="GeoChat", analytics_enabled=False) as demo:
+    # uploads older than a day are deleted, checked hourly (they can be up to max_upload_bytes each)
+    with gr.Blocks(title="GeoChat", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         state = gr.State(ChatSession())
         gr.Markdown(HEADER + f"\n\nModel: `{model_name}`")
         # Rendered in the right column below, but made first: the examples on the left fill them.
