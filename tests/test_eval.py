@@ -115,6 +115,8 @@ def test_grounding_accuracy_rotated_and_one_to_one() -> None:
 
 def test_vqa_normalisation_and_label_matching() -> None:
     assert normalize_answer("Two planes.") == "2 planes"
+    assert vqa_match("1,000", "1000") and vqa_match("about 12,500 cars", "about 12500 cars")
+    assert normalize_answer("3,4") == "3 4"  # a list of numbers is not a thousands separator
     assert vqa_match("Yes, there is a river.", "yes") and not vqa_match("No.", "yes")
     assert vqa_match("the airport", "airport") and not vqa_match("port", "airport")
     labels = ["airport", "bareland", "denseresidential", "mediumresidential"]

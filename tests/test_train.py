@@ -500,6 +500,8 @@ def test_align_stage_with_all_captions_trains_and_resumes(tmp_path: Path, data: 
         run_recipe(recipe, progress=False, stop_after=2, use_accelerate=False)
     stage = tmp_path / "b" / "out" / "align"  # as if killed between the checkpoint save's two renames
     (stage / "checkpoint").rename(stage / ".checkpoint.old")
+    with (stage / "log.jsonl").open("a") as f:  # ... and after logging a step that no checkpoint holds
+        f.write(json.dumps({"step": 3, "loss": 9.9}) + "\n")
     resumed = run_recipe(recipe, resume=True, progress=False, use_accelerate=False)
     a, b = load_file(str(straight / "vision" / "model.safetensors")), load_file(str(resumed / "vision" / "model.safetensors"))
     for k in a:

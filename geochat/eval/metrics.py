@@ -122,8 +122,10 @@ _ARTICLES = {"a", "an", "the"}
 
 
 def normalize_answer(text: str) -> str:
-    """VQA-style normalisation: lower case, no punctuation or articles, number words as digits."""
-    text = re.sub(r"[^\w\s]", " ", text.lower())
+    """VQA-style normalisation: lower case, no punctuation or articles, number words as digits, no thousands
+    separators ("1,000" = "1000", as the official VQA script)."""
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower())
+    text = re.sub(r"[^\w\s]", " ", text)
     words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
     return " ".join(words)
 

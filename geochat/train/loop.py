@@ -56,6 +56,12 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _step_of(log_line: str) -> int:
+    """The step a log.jsonl row belongs to (`{"step": …}` or `{"eval": {"step": …}}`)."""
+    record = json.loads(log_line)
+    return int(record.get("step", record.get("eval", {}).get("step", 0)))
+
+
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone().contiguous() for k, p in module.named_parameters() if p.requires_grad}
 
@@ -144,7 +150,16 @@ class Trainer:
         state = json.loads((ckpt / "state.json").read_text())
         self.step = int(state["step"])
         self.history = History([tuple(x) for x in state["train"]], state["evals"])  # type: ignore[misc]
+        self._forget_log_after(self.step)
         return True
+
+    def _forget_log_after(self, step: int) -> None:
+        """Drop log.jsonl's rows of the steps after the checkpoint: the resumed run logs them again."""
+        log = self.directory / "log.jsonl"
+        if not self.is_main or not log.is_file():
+            return
+        kept = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip() and _step_of(line) <= step]
+        log.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
     # -- the loop ----------------------------------------------------------------------------------
 
