@@ -58,15 +58,17 @@ class Answer:
     timings: Timings
     prompt: str = field(default="", repr=False)  # the user message as built (task token, facts, passages)
     raw: str = field(default="", repr=False)  # the model's output before parsing
+    cut_short: bool = field(default=False, repr=False)  # generation stopped at max_new_tokens, not at its end
 
     def as_turn(self) -> Turn:
         return Turn(user=self.prompt, assistant=self.raw)
 
     def to_json(self) -> dict[str, Any]:
-        """The CLI/API JSON contract (without the internal prompt/raw fields)."""
+        """The CLI/API JSON contract (without the internal prompt/raw/cut_short fields)."""
         data = asdict(self)
         data.pop("prompt")
         data.pop("raw")
+        data.pop("cut_short")
         data["boxes"] = [
             {
                 "phrase": b.phrase,

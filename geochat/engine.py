@@ -85,6 +85,7 @@ class _TimedStreamer(TextStreamer):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self.on_text = on_text
         self.first_token_at: float | None = None
+        self.cut_short = False  # set by `_generate`: the answer stopped at max_new_tokens
         self._prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -264,6 +265,7 @@ class GeoChat:
                             total_s=round(time.perf_counter() - start, 4)),
             prompt=user,
             raw=raw,
+            cut_short=streamer.cut_short,
         )
 
     def chat_batch(
@@ -415,7 +417,11 @@ class GeoChat:
         sequence = out[0].tolist()
         session.cache = cache
         session.cached_ids = sequence[: cache.get_seq_length()]
-        text = str(a.tokenizer.decode(sequence[len(ids):], skip_special_tokens=True))
+        new = sequence[len(ids):]
+        eos = a.model.generation_config.eos_token_id
+        ends = set(eos if isinstance(eos, list) else [eos]) | {a.tokenizer.eos_token_id}
+        streamer.cut_short = len(new) >= max_new_tokens and new[-1] not in ends
+        text = str(a.tokenizer.decode(new, skip_special_tokens=True))
         return text.strip()
 
     def _georeference(

@@ -255,3 +255,11 @@ def test_max_new_tokens_below_one_is_refused(gc: GeoChat) -> None:
         gc.chat(_image(), "what is this?", max_new_tokens=-1)
     with pytest.raises(GeoChatError, match="max_new_tokens must be at least 1"):
         GeoChat(gc.assistant, max_new_tokens=0)
+
+
+def test_an_answer_knows_whether_max_new_tokens_cut_it(gc: GeoChat) -> None:
+    assert gc.chat(_image(), "Describe this image.", max_new_tokens=2).cut_short
+    # decoding restricted to the labels ends with the label and end-of-text: not cut
+    labelled = gc.chat(_image(), "which?", task="classify", labels=["forest", "river"], max_new_tokens=20)
+    assert labelled.answer in ("forest", "river") and not labelled.cut_short
+    assert "cut_short" not in labelled.to_json()

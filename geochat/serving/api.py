@@ -341,9 +341,14 @@ def _completion(meta: dict[str, Any], answer: Answer) -> dict[str, Any]:
     return {
         **meta, "object": "chat.completion",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.answer},
-                     "finish_reason": "stop", "logprobs": None}],
+                     "finish_reason": _finish(answer), "logprobs": None}],
         "geochat": answer.to_json(),
     }
+
+
+def _finish(answer: Answer) -> str:
+    """OpenAI's finish_reason: "length" when max_tokens cut the answer (clients may ask to continue)."""
+    return "length" if answer.cut_short else "stop"
 
 
 def _chunk(meta: dict[str, Any], delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
@@ -381,7 +386,7 @@ async def _sse(meta: dict[str, Any], stream: Any, pieces: Iterator[str], first: 
             rest["reasoning_content"] = r
         if a := answer_text.advance(answer.answer):
             rest["content"] = a
-        yield _chunk(meta, rest, finish="stop", geochat=answer.to_json())
+        yield _chunk(meta, rest, finish=_finish(answer), geochat=answer.to_json())
     except GeoChatError as exc:
         yield f"data: {json.dumps(error_body(str(exc)))}\n\n".encode()
     except Exception as exc:  # the stream has started (status 200): report in-band, log the traceback
