@@ -14,6 +14,7 @@ fault it was (400 malformed, 401 token, 403 path not allowed, 413 too large, 422
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -171,22 +172,27 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
     router = APIRouter()
     protected = APIRouter(dependencies=[Depends(check_token)])
 
+    # Bodies are read a few at a time: each may be max_body_bytes, and they arrive before a queue slot is
+    # taken, so many uploads at once would otherwise all sit in memory together.
+    reading = asyncio.Semaphore(settings.max_concurrent_requests + 2)
+
     async def read_json(request: Request) -> Any:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > settings.max_body_bytes:
             raise ApiError(413, f"request body is {int(declared):,} bytes, more than {settings.max_body_bytes:,} "
                                 f"(max_upload_bytes={settings.max_upload_bytes:,} plus text)")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > settings.max_body_bytes:
-                raise ApiError(413, f"request body is larger than {settings.max_body_bytes:,} bytes")
-        try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON ({exc})") from exc
-        except RecursionError as exc:
-            raise ApiError(400, "request body nests JSON too deeply") from exc
+        async with reading:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > settings.max_body_bytes:
+                    raise ApiError(413, f"request body is larger than {settings.max_body_bytes:,} bytes")
+            try:
+                return json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ApiError(400, f"request body is not valid JSON ({exc})") from exc
+            except RecursionError as exc:
+                raise ApiError(400, "request body nests JSON too deeply") from exc
 
     def parse(model: type[BaseModel], data: Any) -> Any:
         try:
