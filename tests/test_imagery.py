@@ -497,3 +497,63 @@ def test_real_rgba_alpha_and_unknown_multispectral() -> None:
     assert (rgba.rgb[rgba.valid] == 128).all()   # the RGB bands are constant 10000 under the alpha
     ms = load_image(SHARED_GEOREF / "multispectral_4band_float64.tif")
     assert ms.facts["band_order"] == "unknown" and "nir" not in ms.bands.roles
+
+
+# -- rasters found by review: CInt16 SAR, CRSs without lon/lat, SAR fill, undeclared NaN -----------
+
+def _write(path: Path, arr: np.ndarray, **profile: object) -> Path:
+    import rasterio
+
+    arr = arr if arr.ndim == 3 else arr[None]
+    dtype = profile.pop("dtype", arr.dtype.name)
+    with rasterio.open(path, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
+                       dtype=dtype, **profile) as ds:
+        ds.write(arr)
+    return path
+
+
+def test_complex_int16_sar_reads_as_amplitude(tmp_path: Path) -> None:
+    """Sentinel-1 SLC stores CInt16, a dtype numpy has no name for."""
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(0)
+    for size in (16, 1500):  # read whole, and decimated to the preview
+        z = (rng.integers(-300, 300, (size, size)) + 1j * rng.integers(-300, 300, (size, size))).astype(np.complex64)
+        path = _write(tmp_path / f"slc{size}.tif", z, dtype="complex_int16", crs="EPSG:32631",
+                      transform=from_origin(500000, 5700000, 10, 10))
+        loaded = load_image(path)
+        assert loaded.rgb.shape[:2] == (min(size, 1024),) * 2 and loaded.rgb.std() > 10
+        assert "SAR amplitude" in loaded.facts["display"]
+
+
+def test_a_crs_without_lonlat_still_opens_with_pixel_boxes_only(tmp_path: Path) -> None:
+    from rasterio.crs import CRS
+    from rasterio.transform import from_origin
+
+    local = CRS.from_wkt('LOCAL_CS["site grid",LOCAL_DATUM["site",0],UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]')
+    path = _write(tmp_path / "site.tif", np.arange(100, dtype=np.uint16).reshape(10, 10), crs=local,
+                  transform=from_origin(0, 10, 1, 1))
+    loaded = load_image(path)
+    assert loaded.facts["bounds_lonlat"] is None and loaded.facts["gsd_m"] == 1.0
+    from geochat.imagery.geo import pixel_to_lonlat
+
+    assert pixel_to_lonlat(loaded.info, [(1, 1)]) is None  # boxes stay in pixels; no GeoJSON
+
+
+def test_sar_fill_of_zeros_does_not_wash_out_the_stretch(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    z = ((rng.normal(size=(200, 200)) + 1j * rng.normal(size=(200, 200))) * 100).astype(np.complex64)
+    z[:, :40] = 0  # the scene's border, no nodata declared
+    loaded = load_image(_write(tmp_path / "sar.tif", z))
+    scene = loaded.rgb[:, 40:].astype(float)
+    assert (loaded.rgb[:, :40] == 0).all()  # the fill shows black
+    assert 120 < scene.mean() < 175 and scene.std() > 40  # the scene keeps its contrast (was ~197, flat)
+
+
+def test_undeclared_nan_is_not_averaged_into_a_decimated_view(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(2000, 2000)).astype(np.float32)
+    f[::3, ::3] = np.nan  # 11 % NaN, and the file does not say NaN is nodata
+    loaded = load_image(_write(tmp_path / "nan.tif", f))
+    assert loaded.rgb.shape[:2] == (1024, 1024)
+    assert 0.05 < loaded.facts["nodata_fraction"] < 0.2  # averaging made it 0.96, a black preview

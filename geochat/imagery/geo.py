@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from affine import Affine
+from rasterio._err import CPLE_BaseError  # GDAL/PROJ errors rasterio does not wrap (local CRSs, off-domain points)
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
 from rasterio.warp import transform as warp_transform
@@ -54,15 +55,18 @@ def _corners(transform: Transform6, width: int, height: int) -> list[Point]:
 
 
 def lonlat_bounds(crs: str | None, transform: Transform6 | None, width: int, height: int) -> tuple[float, float, float, float] | None:
-    """(west, south, east, north) in EPSG:4326 of the raster footprint, or None without a CRS."""
+    """(west, south, east, north) in EPSG:4326 of the raster footprint; None without a CRS, or with one that
+    has no conversion to lon/lat (a local engineering grid, another planet, points off the projection)."""
     if crs is None or transform is None:
         return None
     xs, ys = zip(*_corners(transform, width, height), strict=True)
     try:
         w, s, e, n = transform_bounds(CRS.from_user_input(crs), "EPSG:4326", min(xs), min(ys), max(xs), max(ys),
                                       densify_pts=21)
-    except (CRSError, ValueError) as exc:
-        raise ImageryError(f"cannot convert the raster's footprint to lon/lat: {exc}") from exc
+    except (CRSError, ValueError, CPLE_BaseError):
+        return None
+    if not all(math.isfinite(v) for v in (w, s, e, n)):
+        return None
     return (float(w), float(s), float(e), float(n))
 
 
@@ -91,18 +95,24 @@ def ground_sample_distance(crs: str | None, transform: Transform6 | None, width:
     px = math.hypot(a, d)    # length of one column step
     py = math.hypot(b, e)    # length of one row step
     crs_obj = CRS.from_user_input(crs)
-    centre = pixel_to_lonlat_raw(crs, transform, [(width / 2, height / 2)])[0]
-    if crs_obj.is_geographic:
-        m_lon, m_lat = _metres_per_degree(centre[1])
-        return (px * m_lon + py * m_lat) / 2
+
+    def centre_latitude() -> float:
+        return pixel_to_lonlat_raw(crs, transform, [(width / 2, height / 2)])[0][1]
+
     try:
-        _, factor = crs_obj.linear_units_factor
-    except CRSError:
-        factor = 1.0
-    gsd = (px + py) / 2 * factor
-    if crs_obj.to_epsg() in _MERCATOR_EPSG:
-        gsd *= math.cos(math.radians(centre[1]))
-    return gsd
+        if crs_obj.is_geographic:
+            m_lon, m_lat = _metres_per_degree(centre_latitude())
+            return (px * m_lon + py * m_lat) / 2
+        try:
+            _, factor = crs_obj.linear_units_factor
+        except CRSError:
+            factor = 1.0
+        gsd = (px + py) / 2 * factor
+        if crs_obj.to_epsg() in _MERCATOR_EPSG:
+            gsd *= math.cos(math.radians(centre_latitude()))
+        return gsd
+    except ImageryError:  # a geographic or Mercator grid whose centre has no lon/lat (off the projection)
+        return None
 
 
 def _require_transform(info: RasterInfo) -> Transform6:
@@ -146,15 +156,15 @@ def _reproject(src: str, dst: str, xy: Sequence[Point]) -> list[Point]:
     xs, ys = zip(*xy, strict=True)
     try:
         out_x, out_y = warp_transform(CRS.from_user_input(src), CRS.from_user_input(dst), list(xs), list(ys))
-    except (CRSError, ValueError) as exc:
+    except (CRSError, ValueError, CPLE_BaseError) as exc:
         raise ImageryError(f"cannot reproject from {src[:60]} to {dst[:60]}: {exc}") from exc
     return [(float(x), float(y)) for x, y in zip(out_x, out_y, strict=True)]
 
 
 def pixel_to_lonlat(info: RasterInfo, points: Sequence[Point]) -> list[Point] | None:
     """(col, row) in original raster pixels -> (lon, lat) in EPSG:4326; None when not georeferenced."""
-    if info.crs is None or info.transform is None:
-        return None
+    if info.crs is None or info.transform is None or info.bounds_lonlat is None:
+        return None  # no CRS, or one without a conversion to lon/lat: boxes stay in pixels
     return pixel_to_lonlat_raw(info.crs, info.transform, points)
 
 

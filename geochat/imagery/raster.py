@@ -128,13 +128,21 @@ def _read_bands(ds: DatasetReader, indexes: Sequence[int], window: Window | None
     """(bands, h, w) data and (h, w) validity of `indexes`, resampled to `out_shape`.
 
     Averaging when decimating (GDAL skips nodata in the average); nearest for complex data, where an
-    average of complex samples would cancel by phase, and for palette indices.
+    average of complex samples would cancel by phase, for palette indices, and for float data that does not
+    declare NaN as nodata (GDAL would average NaN into every output pixel that touches one).
     """
-    nearest = (not decimating or np.dtype(ds.dtypes[0]).kind == "c"
-               or ds.colorinterp[0] == ColorInterp.palette)
+    dtype = ds.dtypes[0]
+    undeclared_nan = not is_complex(dtype) and np.dtype(dtype).kind == "f" and ds.nodata is None
+    nearest = not decimating or is_complex(dtype) or undeclared_nan or ds.colorinterp[0] == ColorInterp.palette
     data = ds.read(list(indexes), window=window, out_shape=(len(indexes), *out_shape),
                    resampling=Resampling.nearest if nearest else Resampling.average)
     return data, _valid_mask(ds, indexes, data, window, out_shape)
+
+
+def is_complex(dtype: str) -> bool:
+    """Whether a rasterio dtype name is complex (SAR): complex64, complex128, and `complex_int16` (Sentinel-1
+    SLC's CInt16), which numpy has no name for."""
+    return dtype.startswith("complex")
 
 
 def _palette_channels(ds: DatasetReader, band: np.ndarray, valid: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -196,7 +204,7 @@ def _facts(info: RasterInfo, sel: BandSelection, valid: np.ndarray, scale: float
                                     "(e.g. sentinel2, landsat8, naip, planetscope) to use the extra bands")
     if sensor:
         facts["sensor"] = sel.source.removeprefix("preset:")
-    if np.dtype(info.dtype).kind == "c":
+    if is_complex(info.dtype):
         facts["display"] = "SAR amplitude |z| in dB, 2-98 % stretch"
     return facts
 
@@ -235,7 +243,7 @@ def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None,
                 rgb = apply_stretch(channels, valid, view)
                 index_facts: dict[str, Any] = {}
             else:
-                decibels = np.dtype(info.dtype).kind == "c"
+                decibels = is_complex(info.dtype)
                 shown = {idx: display_values(data[needed.index(idx)], decibels) for idx in set(sel.rgb)}
                 channels = [shown[i] for i in sel.rgb]
                 view = compute_stretch(channels, valid, mode=stretch, raw_dtype=info.dtype, decibels=decibels)
@@ -281,7 +289,7 @@ def read_window(source: ImageSource, window: tuple[int, int, int, int], bands: S
                 channels, valid = _palette_channels(ds, data[0], valid)
                 raw_dtype, decibels = "uint8", False
             else:
-                raw_dtype, decibels = info.dtype, np.dtype(info.dtype).kind == "c"
+                raw_dtype, decibels = info.dtype, is_complex(info.dtype)
                 channels = [display_values(data[needed.index(i)], decibels) for i in sel.rgb]
     view = stretch if isinstance(stretch, Stretch) else compute_stretch(
         channels, valid, mode=stretch, raw_dtype=raw_dtype, decibels=decibels)

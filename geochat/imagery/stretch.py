@@ -20,7 +20,6 @@ import numpy as np
 STRETCH_MODES = ("auto", "percentile")
 PERCENTILES = (2.0, 98.0)
 CONSTANT_GREY = 128       # value of a valid pixel of a constant channel (no contrast to stretch)
-_DB_FLOOR = 1e-10         # amplitude floor before log10, so zeros become -200 dB, not -inf
 
 
 @dataclass(frozen=True)
@@ -36,11 +35,14 @@ class Stretch:
 
 
 def display_values(band: np.ndarray, decibels: bool) -> np.ndarray:
-    """Band values in display units: |z| for complex, in dB when `decibels`; float (h, w)."""
+    """Band values in display units: |z| for complex, in dB when `decibels`; float (h, w). A zero amplitude
+    has no decibels (NaN): it is a SAR scene's fill, which would otherwise sit at -200 dB in the stretch
+    and wash the picture out; it shows black."""
     values = np.abs(band) if np.iscomplexobj(band) else band
     values = values.astype(np.float64, copy=False)
     if decibels:
-        values = 20.0 * np.log10(np.maximum(values, _DB_FLOOR))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.where(values > 0, 20.0 * np.log10(values), np.nan)
     return values
 
 
