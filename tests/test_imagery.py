@@ -557,3 +557,17 @@ def test_undeclared_nan_is_not_averaged_into_a_decimated_view(tmp_path: Path) ->
     loaded = load_image(_write(tmp_path / "nan.tif", f))
     assert loaded.rgb.shape[:2] == (1024, 1024)
     assert 0.05 < loaded.facts["nodata_fraction"] < 0.2  # averaging made it 0.96, a black preview
+
+
+def test_spectral_indices_use_the_files_scale_and_offset(tmp_path: Path) -> None:
+    """Landsat Collection 2 L2 stores reflectance as DN · 2.75e-5 − 0.2 (tags in the file)."""
+    import rasterio
+
+    reflectance = [0.03, 0.04, 0.06, 0.05, 0.30, 0.20, 0.10]  # bands 1-7; red 0.05, NIR 0.30
+    dn = np.stack([np.full((20, 20), round((r + 0.2) / 2.75e-5), np.uint16) for r in reflectance])
+    path = tmp_path / "lc2.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=20, height=20, count=7, dtype="uint16") as ds:
+        ds.write(dn)
+        ds.scales, ds.offsets = [2.75e-5] * 7, [-0.2] * 7
+    ndvi = load_image(path, sensor="landsat8").facts["spectral_indices"]["ndvi"]["mean"]
+    assert ndvi == pytest.approx((0.30 - 0.05) / (0.30 + 0.05), abs=1e-3)  # 0.714; the DNs alone give 0.333

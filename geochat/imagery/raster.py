@@ -248,7 +248,10 @@ def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None,
                 channels = [shown[i] for i in sel.rgb]
                 view = compute_stretch(channels, valid, mode=stretch, raw_dtype=info.dtype, decibels=decibels)
                 rgb = apply_stretch(channels, valid, view)
-                arrays = {role: data[needed.index(idx)] for role, idx in index_bands.items()}
+                # indices from physical values: a file's scale/offset tags (Landsat Collection 2 stores
+                # reflectance as DN · 2.75e-5 − 0.2) shift a normalised difference when ignored
+                arrays = {role: data[needed.index(idx)] * ds.scales[idx - 1] + ds.offsets[idx - 1]
+                          for role, idx in index_bands.items()}
                 index_facts = {} if decibels else spectral_facts(arrays, valid)
     facts = _facts(info, sel, valid, scale, sensor, index_facts)
     return LoadedImage(rgb=rgb, valid=valid, info=info, scale=scale, bands=sel, facts=facts, stretch=view)
