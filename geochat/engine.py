@@ -21,6 +21,7 @@ queue instead of trampling each other's caches.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import threading
 import time
@@ -59,6 +60,8 @@ from geochat.prompting import (
     prompt_facts,
     split_reasoning,
 )
+
+log = logging.getLogger(__name__)
 
 ImageInput = str | Path | bytes | np.ndarray | LoadedImage | Any  # Any: PIL.Image.Image
 TextCallback = Callable[[str], None]
@@ -229,7 +232,11 @@ class GeoChat:
         # Documentation helps answer questions, not locate or describe pixels: only chat turns retrieve
         # (caption/classify are also asked exactly as the model was trained: facts, no passages).
         if passages is None and self.retriever is not None and task is Task.CHAT:
-            passages = self.retriever.search(message)
+            try:
+                passages = self.retriever.search(message)
+            except Exception:  # the documentation is an aid: a store being rebuilt elsewhere must not stop the answer
+                log.exception("documentation search failed; answering without passages")
+                passages = []
         facts = loaded.facts if loaded is not None else {}
         turns = [t if isinstance(t, Turn) else Turn(*t) for t in (history or ())]
         try:

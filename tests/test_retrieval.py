@@ -334,3 +334,45 @@ def test_ask_no_image_returns_sources(built_index: Path, model_dir: Path, capsys
     assert data["sources"][0]["source"] == "docs/sentinel.md" and data["sources"][0]["heading"] == "Spectral bands"
     assert main([*common, "--no-retrieval", "Which band is near infrared on Sentinel-2?"]) == 0
     assert json.loads(capsys.readouterr().out)["sources"] == []
+
+
+def test_an_unreadable_doc_is_reported_and_the_rest_stays_searchable(tmp_path: Path, docs: Path,
+                                                                      embedder: TextEmbedder) -> None:
+    location = StoreLocation(path=tmp_path / "index")
+    index_docs(IndexStore.open(location, create=True), docs, embedder=embedder, progress=False)
+    first = sorted(docs.glob("*.md"))[0]
+    first.write_bytes(b"# Revisit\n\n\xff\xfe not UTF-8 \xff\n")  # changed, and now unreadable
+    (docs / "new.md").write_text("# Swath\n\nThe swath is 290 km wide.\n")
+    report = index_docs(IndexStore.open(location), docs, embedder=embedder, progress=False)
+    assert len(report.failed_files) == 1 and first.name in report.failed_files[0]
+    assert report.embedded_files == ["docs/new.md"]
+    retriever = Retriever(IndexStore.open(location))  # finished, not "half-written"
+    sources = {p.source for p in retriever.search("swath width", k=20)}
+    assert {"docs/new.md", f"docs/{first.name}"} <= sources  # the unreadable file kept its old chunks
+
+
+def test_indexing_runs_take_turns_and_readers_are_told_so(tmp_path: Path, docs: Path, embedder: TextEmbedder) -> None:
+    location = StoreLocation(path=tmp_path / "index")
+    writer = IndexStore.open(location, create=True)
+    index_docs(writer, docs, embedder=embedder, progress=False)
+    reader = IndexStore.open(location)
+    assert not reader.being_written()
+    with writer.writing():
+        assert reader.being_written()
+        col = writer.writable_collection(DOCS, embedder.name, embedder.dim)  # a run in progress
+        with pytest.raises(GeoChatError, match="being indexed right now"):
+            reader.collection(DOCS)
+        writer.finish(col)
+    assert not reader.being_written() and reader.collection(DOCS) is not None
+
+
+def test_a_failing_documentation_search_does_not_stop_the_answer(tiny_llm_dir: Path) -> None:
+    gc = GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=3)
+
+    class Rebuilt:  # a store dropped by `index docs --rebuild` in another process
+        def search(self, query: str, k: int | None = None) -> list:
+            raise RuntimeError("Collection geochat_docs does not exist")
+
+    gc.retriever = Rebuilt()
+    answer = gc.chat(None, "Which band is red edge?")
+    assert answer.sources == [] and isinstance(answer.answer, str)

@@ -205,3 +205,22 @@ def test_trained_tower_is_swappable_and_never_mixed(
     assert main([*args, "--rebuild"]) == 0
     fresh = Retriever(IndexStore.open(StoreLocation(path=index)), k=6, text_embedder=text)
     assert fresh.similar_images(paths["rings"])[0].path == str(paths["rings"].resolve())
+
+
+def test_caption_edits_reindex_and_a_bad_sidecar_is_one_failed_file(tmp_path: Path, stem: StemEmbedder,
+                                                                      text: TextEmbedder) -> None:
+    paths = make_archive(tmp_path / "images")
+    location = StoreLocation(path=tmp_path / "index")
+    index_images(IndexStore.open(location, create=True), tmp_path / "images", embedder=stem, text_embedder=text,
+                 progress=False)
+    (tmp_path / "images" / "checker.txt").write_text("a forest\n")  # only the words changed
+    (tmp_path / "images" / "stripes.txt").write_bytes(b"\xff\xfe not UTF-8\n")
+    report = index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,
+                          progress=False)
+    assert len(report.embedded_files) == 1 and report.embedded_files[0].endswith("checker.png")
+    assert len(report.failed_files) == 1 and "stripes.png" in report.failed_files[0]
+    retriever = Retriever(IndexStore.open(location), text_embedder=text)  # still searchable
+    record = IndexStore.open(location).collection(IMAGES).get(include=["metadatas"])
+    captions = {m["path"]: m["caption"] for m in record["metadatas"]}
+    assert captions[str(paths["checker"].resolve())] == "a forest"
+    assert retriever.similar_images(paths["rings"])[0].path == str(paths["rings"].resolve())

@@ -213,22 +213,36 @@ def index_docs(
     progress: bool = True,
 ) -> IndexReport:
     """Bring the docs collection in line with the Markdown files under `root` (incrementally)."""
-    from llama_index.vector_stores.chroma import ChromaVectorStore
-
     start = time.perf_counter()
     root = root.resolve()
     embedder = embedder or TextEmbedder()
     find_docs(root)  # a missing directory fails before the store is touched
+    with store.writing():
+        return _index_docs(store, root, embedder, rebuild, progress, start)
+
+
+def _index_docs(store: IndexStore, root: Path, embedder: TextEmbedder, rebuild: bool, progress: bool,
+                start: float) -> IndexReport:
+    from llama_index.vector_stores.chroma import ChromaVectorStore
+
     if rebuild:
         store.drop(DOCS)
     col = store.writable_collection(DOCS, embedder.name, embedder.dim)
     plan = plan_docs(col, root)
-    for source in [*plan.removed, *plan.changed]:
+    # Every file is read and chunked before anything is deleted: a file that cannot be read (bad front
+    # matter, not UTF-8) is reported and keeps its old chunks, and the rest of the run goes on.
+    chunks, embedded, failed = [], [], []
+    for path, source, digest in plan.todo:
+        try:
+            chunks += chunk_document(load_document(path, source, digest), embedder)
+            embedded.append(source)
+        except (GeoChatError, UnicodeDecodeError, OSError) as exc:
+            failed.append(f"{source} ({exc})")
+    for source in [*plan.removed, *(s for s in plan.changed if s in embedded)]:
         col.delete(where={"source": source})
-    chunks = [c for path, source, digest in plan.todo for c in chunk_document(load_document(path, source, digest), embedder)]
     _embed_and_add(ChromaVectorStore(chroma_collection=col), chunks, embedder, progress)
     report = IndexReport(files=plan.skipped + len(plan.todo), skipped=plan.skipped, removed_files=plan.removed,
-                         embedded_files=[s for _, s, _ in plan.todo], chunks_embedded=len(chunks))
+                         embedded_files=embedded, failed_files=failed, chunks_embedded=len(chunks))
     report.total_records = store.finish(col, geochat_root=str(root))
     report.seconds = time.perf_counter() - start
     return report

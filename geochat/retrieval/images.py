@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -44,6 +45,8 @@ from geochat.jsonl import iter_jsonl
 from geochat.retrieval.docs import IndexReport
 from geochat.retrieval.store import CAPTIONS, IMAGES, IndexStore, MixedEmbedderError
 from geochat.retrieval.text import TextEmbedder
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch is imported lazily: the docs-only paths never load it
     from geochat.train.dual_encoder import QueryBank
@@ -310,17 +313,30 @@ def index_images(
     max_size: int = INDEX_MAX_SIZE,
     progress: bool = True,
 ) -> IndexReport:
-    """Embed the images under `root` (incrementally); images indexed from other directories stay."""
+    """Embed the images under `root` (incrementally); images indexed from other directories stay, except
+    with `rebuild`, which empties the whole archive (a warning names the other directories to index again)."""
+    with store.writing():
+        return _index_images(store, root, embedder, text_embedder, rebuild, max_size, progress)
+
+
+def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None, text_embedder: TextEmbedder | None,
+                  rebuild: bool, max_size: int, progress: bool) -> IndexReport:
     start = time.perf_counter()
     root = root.resolve()
     paths = find_images(root)
     if rebuild:
+        _warn_of_other_roots(store, root)
         store.drop(IMAGES)
         store.drop(CAPTIONS)
     embedder = embedder or image_embedder_from_name("auto")
     text_embedder = text_embedder or TextEmbedder()
+    # What can refuse the run does so before the collections are marked as being written: a refused run
+    # must leave the archive searchable.
+    existing = store.collection(IMAGES)
+    if existing is not None and (existing.metadata or {}).get("geochat_embedder") == embedder.name:
+        check_weights(existing, embedder)  # (another embedder is refused by writable_collection, unmodified)
+    annotations = annotation_captions(root)
     images = store.writable_collection(IMAGES, embedder.name, embedder.dim)
-    check_weights(images, embedder)
     # Weights are recorded when every vector is known to be theirs: a new collection, or one that records them.
     record_weights = images.count() == 0 or WEIGHTS_KEY in (images.metadata or {})
     captions = store.writable_collection(CAPTIONS, text_embedder.name, text_embedder.dim)
@@ -333,20 +349,22 @@ def index_images(
     if gone:
         images.delete(ids=gone)
         captions.delete(ids=gone)
-    annotations = annotation_captions(root)
     bar = tqdm(total=len(paths), desc="embedding images", unit="image", disable=not progress or not paths,
                file=sys.stderr)
     batch: list[_Item] = []
     for path in paths:
-        digest = _digest(path)
-        old = stored.get(_record_id(path))
-        if old is not None and old.get("content_hash") == digest:
-            report.skipped += 1
-            bar.update(1)
-            continue
         try:
+            # the pixels and the words about them: an edited caption or label re-indexes the image too
+            digest = _digest(path)
+            words = json.dumps([sidecar_captions(path), annotations.get(_abs(path), {})], sort_keys=True, default=str)
+            digest = hashlib.sha256(f"{digest}\n{words}".encode()).hexdigest()
+            old = stored.get(_record_id(path))
+            if old is not None and old.get("content_hash") == digest:
+                report.skipped += 1
+                bar.update(1)
+                continue
             batch.append(_read_item(path, digest, annotations, max_size))
-        except ImageryError as exc:
+        except (ImageryError, OSError, UnicodeDecodeError) as exc:  # unreadable, vanished, a non-UTF-8 caption
             report.failed_files.append(f"{path.name} ({exc})")
             bar.update(1)
             continue
@@ -362,6 +380,18 @@ def index_images(
     report.total_records = store.finish(images, **({WEIGHTS_KEY: embedder.weights} if record_weights else {}))
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _warn_of_other_roots(store: IndexStore, root: Path) -> None:
+    old = store.collection(IMAGES)
+    if old is None:
+        return
+    outside = [p for m in old.get(include=["metadatas"])["metadatas"] if m
+               and not (p := str(m.get("path", ""))).startswith(f"{root}/")]
+    if outside:
+        others = sorted({str(Path(p).parent) for p in outside})
+        log.warning("--rebuild empties the whole image archive: %d images from %d other directories (%s) go too; "
+                    "index them again with `geochat index images DIR`", len(outside), len(others), ", ".join(others[:5]))
 
 
 def _add(batch: list[_Item], images: Any, captions: Any, embedder: ImageEmbedder,

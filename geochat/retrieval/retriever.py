@@ -96,6 +96,7 @@ class Retriever:
             Passage(id="S0", source=str(meta.get("source", "")), heading=str(meta.get("heading", "")),
                     text=doc or "", score=round(1.0 - float(dist), 4))
             for doc, meta, dist in zip(res["documents"][0], res["metadatas"][0], res["distances"][0], strict=True)
+            if meta is not None and doc is not None  # a chunk another process deleted since this one opened the store
         ]
         return label_passages(passages)
 

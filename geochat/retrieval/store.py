@@ -20,10 +20,14 @@ deletes only what chromadb and geochat wrote (it refuses a directory holding any
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,9 @@ DOCS = "geochat_docs"
 IMAGES = "geochat_images"
 CAPTIONS = "geochat_image_captions"
 COLLECTIONS = (DOCS, IMAGES, CAPTIONS)
+WRITE_LOCK = ".geochat-index.lock"  # held by an indexing run (flock), so that runs take turns
+
+log = logging.getLogger(__name__)
 
 
 class CorruptIndexError(GeoChatError):
@@ -136,6 +143,46 @@ class IndexStore:
             raise CorruptIndexError(f"the index at {path} is unreadable ({exc}); {REBUILD_HINT}") from exc
         return cls(location, client)
 
+    # -- writing --------------------------------------------------------------------------------
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the store's write lock for an indexing run: two runs (two `geochat index`, or two first
+        `geochat ask`) take turns instead of one finding the other's collection unfinished. A chroma server
+        has no local lock; one writer at a time is then up to the operator."""
+        if self.location.path is None:
+            yield
+            return
+        with (self.location.path / WRITE_LOCK).open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("another indexing run is writing %s; waiting for it to finish", self.location)
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def being_written(self) -> bool:
+        """Whether an indexing run holds the write lock right now."""
+        if self.location.path is None or not (self.location.path / WRITE_LOCK).is_file():
+            return False
+        with (self.location.path / WRITE_LOCK).open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    def _unfinished(self, name: str) -> CorruptIndexError:
+        if self.being_written():
+            return CorruptIndexError(f"collection {name} in {self.location} is being indexed right now by another "
+                                     "run; try again when it has finished")
+        return CorruptIndexError(
+            f"collection {name} in {self.location} was half-written (an indexing run did not finish); {REBUILD_HINT}")
+
     # -- collections ----------------------------------------------------------------------------
 
     def collection(self, name: str) -> Any | None:
@@ -148,9 +195,7 @@ class IndexStore:
             raise CorruptIndexError(f"collection {name} in {self.location} is unreadable ({exc}); {REBUILD_HINT}") from exc
         meta = col.metadata or {}
         if meta.get("geochat_complete") is not True:
-            raise CorruptIndexError(
-                f"collection {name} in {self.location} was half-written (an indexing run did not finish); {REBUILD_HINT}"
-            )
+            raise self._unfinished(name)
         try:
             count = col.count()
         except ChromaError as exc:
@@ -180,9 +225,7 @@ class IndexStore:
                 f"cannot be mixed in one collection: re-index with --rebuild"
             )
         if meta.get("geochat_complete") is not True:
-            raise CorruptIndexError(
-                f"collection {name} in {self.location} was half-written (an indexing run did not finish); {REBUILD_HINT}"
-            )
+            raise self._unfinished(name)
         col.modify(metadata={**meta, "geochat_complete": False})
         return col
 
@@ -237,7 +280,7 @@ def wipe_store(location: StoreLocation) -> None:
         raise GeoChatError("a chroma server's store cannot be wiped from here; drop its collections instead")
     if not path.exists():
         return
-    foreign = [e.name for e in path.iterdir() if e.name not in (MANIFEST, f".{MANIFEST}.tmp") and not _chroma_owned(e)]
+    foreign = [e.name for e in path.iterdir() if e.name not in (MANIFEST, f".{MANIFEST}.tmp", WRITE_LOCK) and not _chroma_owned(e)]
     if foreign:
         raise GeoChatError(
             f"refusing to rebuild {path}: it holds files geochat did not write ({', '.join(sorted(foreign)[:5])}); "
