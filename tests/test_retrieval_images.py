@@ -224,3 +224,28 @@ def test_caption_edits_reindex_and_a_bad_sidecar_is_one_failed_file(tmp_path: Pa
     captions = {m["path"]: m["caption"] for m in record["metadatas"]}
     assert captions[str(paths["checker"].resolve())] == "a forest"
     assert retriever.similar_images(paths["rings"])[0].path == str(paths["rings"].resolve())
+
+
+def test_an_unchanged_archive_is_not_read_again(tmp_path: Path, stem: StemEmbedder, text: TextEmbedder,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import geochat.retrieval.images as images_module
+
+    paths = make_archive(tmp_path / "images")
+    location = StoreLocation(path=tmp_path / "index")
+    index_images(IndexStore.open(location, create=True), tmp_path / "images", embedder=stem, text_embedder=text,
+                 progress=False)
+    hashed: list[Path] = []
+    real = images_module._digest
+    monkeypatch.setattr(images_module, "_digest", lambda p: hashed.append(p) or real(p))
+    report = index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,
+                          progress=False)
+    assert report.skipped == len(paths) and hashed == []  # same size and mtime: no byte of the archive read
+    st = paths["stripes"].stat()
+    os.utime(paths["stripes"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, not changed
+    report = index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,
+                          progress=False)
+    assert hashed == [paths["stripes"]] and report.skipped == len(paths)  # hashed again, same bytes: kept
+    index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text, progress=False)
+    assert hashed == [paths["stripes"]]  # its new stat was recorded: not hashed a third time

@@ -253,7 +253,8 @@ class _Item:
     captions: list[str]
 
 
-def _read_item(path: Path, digest: str, annotations: dict[Path, dict[str, Any]], max_size: int) -> _Item:
+def _read_item(path: Path, digest: str, annotations: dict[Path, dict[str, Any]], max_size: int,
+               file_meta: dict[str, str]) -> _Item:
     from geochat.imagery import load_image
 
     loaded = load_image(path, max_size=max_size)
@@ -263,6 +264,7 @@ def _read_item(path: Path, digest: str, annotations: dict[Path, dict[str, Any]],
     meta = {
         "path": str(_abs(path)),
         "content_hash": digest,
+        **file_meta,
         "width": info.width,
         "height": info.height,
         "bounds_lonlat": json.dumps([round(v, 7) for v in info.bounds_lonlat]) if info.bounds_lonlat else "",
@@ -354,16 +356,21 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
     batch: list[_Item] = []
     for path in paths:
         try:
-            # the pixels and the words about them: an edited caption or label re-indexes the image too
-            digest = _digest(path)
-            words = json.dumps([sidecar_captions(path), annotations.get(_abs(path), {})], sort_keys=True, default=str)
-            digest = hashlib.sha256(f"{digest}\n{words}".encode()).hexdigest()
+            # the pixels and the words about them: an edited caption or label re-indexes the image too. The
+            # file's bytes are hashed only when its size or modification time changed (archives can hold GBs)
             old = stored.get(_record_id(path))
+            st = path.stat()
+            stat = f"{st.st_size}:{st.st_mtime_ns}"
+            pixels = str(old["file_hash"]) if old and old.get("file_stat") == stat and old.get("file_hash") else _digest(path)
+            words = json.dumps([sidecar_captions(path), annotations.get(_abs(path), {})], sort_keys=True, default=str)
+            digest = hashlib.sha256(f"{pixels}\n{words}".encode()).hexdigest()
             if old is not None and old.get("content_hash") == digest:
+                if old.get("file_stat") != stat:  # touched, same bytes: remember the new stat, keep the vector
+                    images.update(ids=[_record_id(path)], metadatas=[{**old, "file_hash": pixels, "file_stat": stat}])
                 report.skipped += 1
                 bar.update(1)
                 continue
-            batch.append(_read_item(path, digest, annotations, max_size))
+            batch.append(_read_item(path, digest, annotations, max_size, {"file_hash": pixels, "file_stat": stat}))
         except (ImageryError, OSError, UnicodeDecodeError) as exc:  # unreadable, vanished, a non-UTF-8 caption
             report.failed_files.append(f"{path.name} ({exc})")
             bar.update(1)
