@@ -211,3 +211,25 @@ def test_real_buildings_footprints_line_up() -> None:
     assert len(out) == len(ring)
     for got, want in zip(sorted(map(tuple, out)), sorted(ring), strict=True):
         assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_a_box_across_the_antimeridian_is_split_into_two_counter_clockwise_parts(tmp_path: Path) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from geochat.imagery import read_info
+    from geochat.imagery.geo import _signed_area, polygons_to_geojson
+
+    path = tmp_path / "utm60.tif"  # UTM zone 60N, 100 km wide, straddling 180°
+    with rasterio.open(path, "w", driver="GTiff", width=100, height=100, count=1, dtype="uint8", crs="EPSG:32660",
+                       transform=from_origin(700000, 5000000, 1000, 1000)) as ds:
+        ds.write(np.ones((1, 100, 100), np.uint8))
+    info = read_info(path)
+    whole = polygons_to_geojson([[(0, 0), (100, 0), (100, 100), (0, 100)]], info, [{}])
+    geometry = whole["features"][0]["geometry"]
+    assert geometry["type"] == "MultiPolygon" and len(geometry["coordinates"]) == 2
+    for (ring,) in geometry["coordinates"]:
+        assert all(-180 <= x <= 180 for x, _ in ring) and ring[0] == ring[-1]
+        assert _signed_area([tuple(p) for p in ring]) > 0  # RFC 7946: exterior rings counter-clockwise
+    east = polygons_to_geojson([[(0, 0), (20, 0), (20, 20), (0, 20)]], info, [{}])  # west of 180°: one polygon
+    assert east["features"][0]["geometry"]["type"] == "Polygon"

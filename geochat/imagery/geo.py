@@ -178,6 +178,47 @@ def _signed_area(ring: Sequence[Point]) -> float:
     return sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(ring, ring[1:], strict=False)) / 2
 
 
+def _unwrap(ring: Sequence[Point]) -> list[Point]:
+    """Longitudes made continuous along the ring (no step over 180°), so 179.9 → -179.9 reads 179.9 → 180.1."""
+    out = [ring[0]]
+    for x, y in ring[1:]:
+        prev = out[-1][0]
+        out.append((x + 360.0 * round((prev - x) / 360.0), y))
+    return out
+
+
+def _clip(ring: Sequence[Point], meridian: float, keep_west: bool) -> list[Point]:
+    """Sutherland–Hodgman: the part of a closed ring west (or east) of `meridian`."""
+    def inside(p: Point) -> bool:
+        return p[0] <= meridian if keep_west else p[0] >= meridian
+
+    out: list[Point] = []
+    for a, b in zip(ring, ring[1:], strict=False):
+        if inside(b):
+            if not inside(a):
+                out.append((meridian, a[1] + (b[1] - a[1]) * (meridian - a[0]) / (b[0] - a[0])))
+            out.append(b)
+        elif inside(a):
+            out.append((meridian, a[1] + (b[1] - a[1]) * (meridian - a[0]) / (b[0] - a[0])))
+    return _close_ring(out)
+
+
+def _lonlat_geometry(ring: list[Point]) -> dict[str, Any]:
+    """A lon/lat ring as an RFC 7946 geometry: wound counter-clockwise, and split at the antimeridian
+    into a MultiPolygon (§3.1.9) when it crosses it."""
+    ring = _unwrap(ring)
+    if _signed_area(ring) < 0:
+        ring = ring[::-1]
+    xs = [x for x, _ in ring]
+    shift = -360.0 if max(xs) > 180.0 else 360.0 if min(xs) < -180.0 else 0.0
+    if not shift:
+        return {"type": "Polygon", "coordinates": [[[x, y] for x, y in ring]]}
+    meridian = 180.0 if shift < 0 else -180.0
+    inner, outer = _clip(ring, meridian, keep_west=shift < 0), _clip(ring, meridian, keep_west=shift > 0)
+    parts = [[[x, y] for x, y in inner], [[x + shift, y] for x, y in outer]]
+    return {"type": "MultiPolygon", "coordinates": [[part] for part in parts if len(part) >= 4]}
+
+
 def polygons_to_geojson(polygons: Sequence[Sequence[Point]], info: RasterInfo, properties: Sequence[dict[str, Any]],
                         crs: str = "EPSG:4326") -> dict[str, Any] | None:
     """A GeoJSON FeatureCollection with one Polygon Feature per polygon; None when not georeferenced.
@@ -191,6 +232,8 @@ def polygons_to_geojson(polygons: Sequence[Sequence[Point]], info: RasterInfo, p
         raise ValueError(f"{len(polygons)} polygons but {len(properties)} property dicts")
     if info.crs is None or info.transform is None:
         return None
+    if crs == "EPSG:4326" and info.bounds_lonlat is None:
+        return None  # a CRS without a conversion to lon/lat (a local grid): boxes stay in pixels
     target = info.crs if crs.lower() == "native" else crs
     if target != "EPSG:4326":
         target = crs_to_string(CRS.from_user_input(target)) or target
@@ -201,13 +244,12 @@ def polygons_to_geojson(polygons: Sequence[Sequence[Point]], info: RasterInfo, p
         # Close the ring in pixel space so that first and last points reproject identically.
         ring_px = _close_ring([(float(c), float(r)) for c, r in poly])
         ring = _reproject(info.crs, target, pixel_to_map(info, ring_px))
-        if _signed_area(ring) < 0:
-            ring = ring[::-1]
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[[x, y] for x, y in ring]]},
-            "properties": dict(props),
-        })
+        if target == "EPSG:4326":
+            geometry = _lonlat_geometry(ring)
+        else:
+            ring = ring[::-1] if _signed_area(ring) < 0 else ring
+            geometry = {"type": "Polygon", "coordinates": [[[x, y] for x, y in ring]]}
+        features.append({"type": "Feature", "geometry": geometry, "properties": dict(props)})
     collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
     if target != "EPSG:4326":
         epsg = CRS.from_user_input(target).to_epsg()
