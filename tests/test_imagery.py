@@ -571,3 +571,10 @@ def test_spectral_indices_use_the_files_scale_and_offset(tmp_path: Path) -> None
         ds.scales, ds.offsets = [2.75e-5] * 7, [-0.2] * 7
     ndvi = load_image(path, sensor="landsat8").facts["spectral_indices"]["ndvi"]["mean"]
     assert ndvi == pytest.approx((0.30 - 0.05) / (0.30 + 0.05), abs=1e-3)  # 0.714; the DNs alone give 0.333
+
+
+def test_a_crs_without_a_geotransform_is_not_georeferenced(tmp_path: Path) -> None:
+    """GDAL's identity default would put pixel (0, 0) at lon 0, lat 0 and rows at latitudes 1, 2, ... 200."""
+    path = _write(tmp_path / "crs_only.tif", np.ones((300, 300), np.uint8), crs="EPSG:4326")
+    info = read_info(path)
+    assert info.crs == "EPSG:4326" and info.transform is None and info.bounds_lonlat is None

@@ -83,7 +83,7 @@ def _raster_info(ds: DatasetReader, path: str | None) -> RasterInfo:
         crs, transform = gcp_crs, from_gcps(gcps)
     crs_s = crs_to_string(crs)
     t6: tuple[float, float, float, float, float, float] | None = tuple(float(v) for v in transform[:6])  # type: ignore[assignment]
-    if crs_s is None and transform.is_identity:
+    if transform.is_identity:  # no geotransform in the file (GDAL's default), with or without a CRS
         t6 = None
     return RasterInfo(
         path=path, width=ds.width, height=ds.height, count=ds.count, dtype=ds.dtypes[0],
