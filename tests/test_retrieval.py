@@ -376,3 +376,19 @@ def test_a_failing_documentation_search_does_not_stop_the_answer(tiny_llm_dir: P
     gc.retriever = Rebuilt()
     answer = gc.chat(None, "Which band is red edge?")
     assert answer.sources == [] and isinstance(answer.answer, str)
+
+
+def test_a_doc_without_text_is_indexed_once(tmp_path: Path, docs: Path, embedder: TextEmbedder) -> None:
+    from geochat.retrieval.docs import plan_docs
+
+    (docs / "todo.md").write_text("# To be written\n")  # a heading alone gives no chunk
+    location = StoreLocation(path=tmp_path / "index")
+    first = index_docs(IndexStore.open(location, create=True), docs, embedder=embedder, progress=False)
+    assert "docs/todo.md" in first.embedded_files
+    assert plan_docs(IndexStore.open(location).collection(DOCS), docs).up_to_date  # not re-read by every ask
+    (docs / "todo.md").write_text("# To be written\n\nThe revisit time is five days at the equator.\n")
+    again = index_docs(IndexStore.open(location), docs, embedder=embedder, progress=False)
+    assert again.embedded_files == ["docs/todo.md"] and again.chunks_embedded == 1
+    (docs / "todo.md").unlink()
+    gone = index_docs(IndexStore.open(location), docs, embedder=embedder, progress=False)
+    assert gone.removed_files == ["docs/todo.md"]

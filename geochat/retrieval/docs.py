@@ -20,6 +20,7 @@ deleted. The collection mirrors one directory.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 import time
@@ -39,6 +40,7 @@ from geochat.retrieval.text import TextEmbedder
 CHUNKING_VERSION = "md-sections-v1"
 CHUNK_TOKENS = 256  # MiniLM's window (word pieces), metadata prefix included
 CHUNK_OVERLAP = 32
+EMPTY_KEY = "geochat_empty_files"  # collection metadata: JSON {source: hash} of files that gave no chunks
 BUNDLED_KNOWLEDGE = Path(__file__).resolve().parents[2] / "knowledge"
 _FRONT_MATTER = re.compile(r"\A---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|\Z)", re.DOTALL)
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -160,9 +162,15 @@ def chunk_document(document: Any, embedder: TextEmbedder) -> list[Any]:
 
 
 def _stored_hashes(col: Any) -> dict[str, str]:
-    """source → content hash of the chunks already in the collection."""
+    """source → content hash of the files already indexed: those with chunks, and those that gave none (an
+    empty or heading-only file, recorded in the collection's metadata so that it is not read on every run)."""
     got = col.get(include=["metadatas"])
-    return {m["source"]: m.get("content_hash", "") for m in got["metadatas"] or [] if m and "source" in m}
+    hashes = {m["source"]: m.get("content_hash", "") for m in got["metadatas"] or [] if m and "source" in m}
+    return {**_empty_files(col), **hashes}
+
+
+def _empty_files(col: Any) -> dict[str, str]:
+    return dict(json.loads(str((col.metadata or {}).get(EMPTY_KEY, "{}"))))
 
 
 def find_docs(root: Path) -> list[Path]:
@@ -232,18 +240,24 @@ def _index_docs(store: IndexStore, root: Path, embedder: TextEmbedder, rebuild: 
     # Every file is read and chunked before anything is deleted: a file that cannot be read (bad front
     # matter, not UTF-8) is reported and keeps its old chunks, and the rest of the run goes on.
     chunks, embedded, failed = [], [], []
+    empty = {k: v for k, v in _empty_files(col).items() if k not in plan.removed}
     for path, source, digest in plan.todo:
         try:
-            chunks += chunk_document(load_document(path, source, digest), embedder)
-            embedded.append(source)
+            new = chunk_document(load_document(path, source, digest), embedder)
         except (GeoChatError, UnicodeDecodeError, OSError) as exc:
             failed.append(f"{source} ({exc})")
+            continue
+        chunks += new
+        embedded.append(source)
+        empty.pop(source, None)
+        if not new:
+            empty[source] = digest
     for source in [*plan.removed, *(s for s in plan.changed if s in embedded)]:
         col.delete(where={"source": source})
     _embed_and_add(ChromaVectorStore(chroma_collection=col), chunks, embedder, progress)
     report = IndexReport(files=plan.skipped + len(plan.todo), skipped=plan.skipped, removed_files=plan.removed,
                          embedded_files=embedded, failed_files=failed, chunks_embedded=len(chunks))
-    report.total_records = store.finish(col, geochat_root=str(root))
+    report.total_records = store.finish(col, geochat_root=str(root), **{EMPTY_KEY: json.dumps(empty, sort_keys=True)})
     report.seconds = time.perf_counter() - start
     return report
 
