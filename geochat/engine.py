@@ -224,6 +224,8 @@ class GeoChat:
         With `task="classify"` and `labels` (and no `cot`), the answer is exactly one of the labels.
         """
         start = time.perf_counter()
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise GeoChatError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         task = Task(task) if task is not None else Task.CHAT
         loaded = self._load(image, bands, sensor)
         region_box = self._region_box(region, loaded) if region is not None else None
@@ -234,9 +236,9 @@ class GeoChat:
         if passages is None and self.retriever is not None and task is Task.CHAT:
             try:
                 passages = self.retriever.search(message)
-            except Exception:  # the documentation is an aid: a store being rebuilt elsewhere must not stop the answer
-                log.exception("documentation search failed; answering without passages")
-                passages = []
+            except GeoChatError as exc:  # the documentation is an aid: a store rebuilt elsewhere
+                log.warning("documentation search failed (%s); answering without passages", exc)  # must not
+                passages = []                                                                        # stop the answer
         facts = loaded.facts if loaded is not None else {}
         turns = [t if isinstance(t, Turn) else Turn(*t) for t in (history or ())]
         try:
@@ -252,8 +254,6 @@ class GeoChat:
             streamer = _TimedStreamer(self.assistant.tokenizer, on_text)
             gen_start = time.perf_counter()
             allowed = label_constraint(self.assistant, task, labels, len(ids), cot)
-            if max_new_tokens is not None and max_new_tokens < 1:
-                raise GeoChatError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
             raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer, allowed)
         ttft = (streamer.first_token_at or time.perf_counter()) - gen_start + encode_s
         reasoning, final = split_reasoning(raw) if cot else (None, raw)

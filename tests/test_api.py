@@ -352,3 +352,15 @@ def test_line_wrapped_base64_is_accepted() -> None:
     wrapped = base64.encodebytes(raw).decode()  # 76-character lines, as `base64` prints without -w0
     assert "\n" in wrapped
     assert decode_data_url("data:image/png;base64," + wrapped, ServingSettings()) == raw
+
+
+def test_a_body_that_trickles_in_gets_408(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import geochat.serving.api as api
+
+    monkeypatch.setattr(api, "BODY_READ_TIMEOUT_S", 0.5)
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": ".encode())
+        reply = sock.recv(4096).decode()  # the rest never comes
+    assert reply.startswith("HTTP/1.1 408") and "longer than 0.5 s" in reply

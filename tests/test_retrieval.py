@@ -366,15 +366,17 @@ def test_indexing_runs_take_turns_and_readers_are_told_so(tmp_path: Path, docs: 
     assert not reader.being_written() and reader.collection(DOCS) is not None
 
 
-def test_a_failing_documentation_search_does_not_stop_the_answer(tiny_llm_dir: Path) -> None:
+def test_a_docs_index_dropped_by_another_process_does_not_stop_the_answer(
+        tmp_path: Path, docs: Path, embedder: TextEmbedder, tiny_llm_dir: Path) -> None:
+    location = StoreLocation(path=tmp_path / "index")
+    index_docs(IndexStore.open(location, create=True), docs, embedder=embedder, progress=False)
     gc = GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=3)
-
-    class Rebuilt:  # a store dropped by `index docs --rebuild` in another process
-        def search(self, query: str, k: int | None = None) -> list:
-            raise RuntimeError("Collection geochat_docs does not exist")
-
-    gc.retriever = Rebuilt()
-    answer = gc.chat(None, "Which band is red edge?")
+    gc.retriever = Retriever(IndexStore.open(location), text_embedder=embedder)
+    assert gc.chat(None, "What is the revisit time?").sources  # the server's open collection
+    IndexStore.open(location).drop(DOCS)  # `geochat index docs --rebuild` elsewhere, half-way
+    with pytest.raises(GeoChatError, match="changed under this process"):
+        gc.retriever.search("revisit time")
+    answer = gc.chat(None, "What is the revisit time?")
     assert answer.sources == [] and isinstance(answer.answer, str)
 
 

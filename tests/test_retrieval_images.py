@@ -249,3 +249,44 @@ def test_an_unchanged_archive_is_not_read_again(tmp_path: Path, stem: StemEmbedd
     assert hashed == [paths["stripes"]] and report.skipped == len(paths)  # hashed again, same bytes: kept
     index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text, progress=False)
     assert hashed == [paths["stripes"]]  # its new stat was recorded: not hashed a third time
+
+
+def test_a_killed_run_is_half_written_and_rebuild_repairs_it(tmp_path: Path, stem: StemEmbedder,
+                                                              text: TextEmbedder) -> None:
+    from geochat.retrieval.store import CorruptIndexError
+
+    paths = make_archive(tmp_path / "images")
+    location = StoreLocation(path=tmp_path / "index")
+    store = IndexStore.open(location, create=True)
+    index_images(store, tmp_path / "images", embedder=stem, text_embedder=text, progress=False)
+    with store.writing():  # a run killed after marking the collection unfinished
+        store.writable_collection(IMAGES, stem.name, stem.dim)
+    with pytest.raises(CorruptIndexError, match="half-written"):  # not "another run": nobody holds the lock
+        index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,
+                     progress=False)
+    report = index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,
+                          rebuild=True, progress=False)
+    assert len(report.embedded_files) == len(paths) and IndexStore.open(location).collection(IMAGES) is not None
+
+
+def test_records_of_an_older_index_keep_their_vectors(tmp_path: Path, stem: StemEmbedder, text: TextEmbedder) -> None:
+    """Before the content hash covered captions it was the file's own sha256: such records are not re-embedded."""
+    from geochat.retrieval.images import _digest
+
+    paths = make_archive(tmp_path / "images")
+    location = StoreLocation(path=tmp_path / "index")
+    index_images(IndexStore.open(location, create=True), tmp_path / "images", embedder=stem, text_embedder=text,
+                 progress=False)
+    col = IndexStore.open(location).collection(IMAGES)
+    got = col.get(include=["metadatas"])
+    old = [{k: v for k, v in m.items() if k not in ("file_hash", "file_stat")} | {"content_hash": _digest(Path(m["path"]))}
+           for m in got["metadatas"]]
+    col.update(ids=got["ids"], metadatas=old)
+    report = index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,
+                          progress=False)
+    assert report.skipped == len(paths) and report.embedded_files == []
+    again = index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,
+                         progress=False)
+    assert again.skipped == len(paths)  # the records now carry today's keys
+    hit = Retriever(IndexStore.open(location), text_embedder=text).similar_images(paths["rings"])[0]
+    assert set(hit.metadata) & {"content_hash", "file_hash", "file_stat", "path"} == set()  # bookkeeping stays out

@@ -12,7 +12,8 @@ from geochat.errors import GeoChatError
 
 HELP = {
     "classify": "zero-shot scene classification accuracy over the labels in the file (or --labels)",
-    "retrieve": "text→image and image→text Recall@1/5/10 with the dual encoder",
+    "retrieve": "text→image and image→text Recall@1/5/10 with the dual encoder (rows naming one image are one "
+                "gallery image; n counts images)",
     "caption": "BLEU-1..4, METEOR, ROUGE-L, CIDEr of the assistant's captions",
     "vqa": "VQA accuracy, by question type",
     "ground": "referring grounding acc@0.5 (rotated IoU; boxes [x1, y1, x2, y2, theta?] in the image's pixels, "

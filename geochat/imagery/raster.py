@@ -59,7 +59,8 @@ class RasterInfo:
 
     @property
     def georeferenced(self) -> bool:
-        return self.crs is not None and self.transform is not None
+        """Whether pixels have lon/lat: a CRS, a geotransform, and a conversion between that CRS and lon/lat."""
+        return self.crs is not None and self.transform is not None and self.bounds_lonlat is not None
 
 
 @dataclass

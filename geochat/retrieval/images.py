@@ -43,7 +43,7 @@ from tqdm import tqdm
 from geochat.errors import GeoChatError, ImageryError
 from geochat.jsonl import iter_jsonl
 from geochat.retrieval.docs import IndexReport
-from geochat.retrieval.store import CAPTIONS, IMAGES, IndexStore, MixedEmbedderError
+from geochat.retrieval.store import CAPTIONS, IMAGES, CorruptIndexError, IndexStore, MixedEmbedderError
 from geochat.retrieval.text import TextEmbedder
 
 log = logging.getLogger(__name__)
@@ -326,18 +326,18 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
     start = time.perf_counter()
     root = root.resolve()
     paths = find_images(root)
+    # What can refuse the run does so before anything is dropped or marked as being written: a refused run
+    # leaves the archive searchable.
+    embedder = embedder or image_embedder_from_name("auto")
+    text_embedder = text_embedder or TextEmbedder()
+    annotations = annotation_captions(root)
     if rebuild:
         _warn_of_other_roots(store, root)
         store.drop(IMAGES)
         store.drop(CAPTIONS)
-    embedder = embedder or image_embedder_from_name("auto")
-    text_embedder = text_embedder or TextEmbedder()
-    # What can refuse the run does so before the collections are marked as being written: a refused run
-    # must leave the archive searchable.
     existing = store.collection(IMAGES)
     if existing is not None and (existing.metadata or {}).get("geochat_embedder") == embedder.name:
         check_weights(existing, embedder)  # (another embedder is refused by writable_collection, unmodified)
-    annotations = annotation_captions(root)
     images = store.writable_collection(IMAGES, embedder.name, embedder.dim)
     # Weights are recorded when every vector is known to be theirs: a new collection, or one that records them.
     record_weights = images.count() == 0 or WEIGHTS_KEY in (images.metadata or {})
@@ -364,9 +364,10 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
             pixels = str(old["file_hash"]) if old and old.get("file_stat") == stat and old.get("file_hash") else _digest(path)
             words = json.dumps([sidecar_captions(path), annotations.get(_abs(path), {})], sort_keys=True, default=str)
             digest = hashlib.sha256(f"{pixels}\n{words}".encode()).hexdigest()
-            if old is not None and old.get("content_hash") == digest:
-                if old.get("file_stat") != stat:  # touched, same bytes: remember the new stat, keep the vector
-                    images.update(ids=[_record_id(path)], metadatas=[{**old, "file_hash": pixels, "file_stat": stat}])
+            if old is not None and (old.get("content_hash") == digest or _same_as_before(old, pixels, path, annotations)):
+                if old.get("content_hash") != digest or old.get("file_stat") != stat:  # keep the vector, renew the keys
+                    images.update(ids=[_record_id(path)],
+                                  metadatas=[{**old, "content_hash": digest, "file_hash": pixels, "file_stat": stat}])
                 report.skipped += 1
                 bar.update(1)
                 continue
@@ -389,8 +390,21 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
     return report
 
 
+def _same_as_before(old: dict[str, Any], pixels: str, path: Path, annotations: dict[Path, dict[str, Any]]) -> bool:
+    """A record written before the content hash covered the words (its hash is the file's alone) that still
+    matches the file and its words: kept, not re-embedded, when an older index is first updated."""
+    if old.get("content_hash") != pixels:
+        return False
+    ann = annotations.get(_abs(path), {})
+    captions = sidecar_captions(path) or ann.get("captions", [])
+    return old.get("captions", "") == " | ".join(captions) and old.get("label", "") == str(ann.get("label") or "")
+
+
 def _warn_of_other_roots(store: IndexStore, root: Path) -> None:
-    old = store.collection(IMAGES)
+    try:
+        old = store.collection(IMAGES)
+    except CorruptIndexError:  # a half-written archive: what --rebuild is for; nothing to list
+        return
     if old is None:
         return
     outside = [p for m in old.get(include=["metadatas"])["metadatas"] if m

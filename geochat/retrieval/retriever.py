@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from chromadb.errors import ChromaError
 
 from geochat.errors import GeoChatError
 from geochat.prompting import Passage, label_passages
 from geochat.retrieval.docs import BUNDLED_KNOWLEDGE, IndexReport
-from geochat.retrieval.store import CAPTIONS, DOCS, IMAGES, IndexStore, StoreLocation
+from geochat.retrieval.store import CAPTIONS, DOCS, IMAGES, CorruptIndexError, IndexStore, StoreLocation
 from geochat.retrieval.text import TextEmbedder
 
 DEFAULT_K = 4
@@ -90,8 +91,12 @@ class Retriever:
         if self._docs is None or not query.strip():
             return []
         vector = self.text_embedder.embed_query(query)
-        res = self._docs.query(query_embeddings=[vector.tolist()], n_results=k or self.k,
-                               include=["documents", "metadatas", "distances"])
+        try:
+            res = self._docs.query(query_embeddings=[vector.tolist()], n_results=k or self.k,
+                                   include=["documents", "metadatas", "distances"])
+        except ChromaError as exc:  # e.g. dropped by `index docs --rebuild` in another process since it was opened
+            raise CorruptIndexError(f"the docs index in {self.store.location} changed under this process ({exc}); "
+                                    "restart it to read the new one") from exc
         passages = [
             Passage(id="S0", source=str(meta.get("source", "")), heading=str(meta.get("heading", "")),
                     text=doc or "", score=round(1.0 - float(dist), 4))
@@ -144,11 +149,14 @@ class Retriever:
         return hits
 
 
+BOOKKEEPING_KEYS = frozenset({"content_hash", "file_hash", "file_stat", "path"})  # the index's, not the user's
+
+
 def public_image_metadata(meta: dict[str, Any]) -> dict[str, Any]:
     """Stored image metadata as users see it: JSON-decoded bounds, no bookkeeping keys, no empty values."""
     out: dict[str, Any] = {}
     for key, value in meta.items():
-        if key in ("content_hash", "path") or value in ("", None):
+        if key in BOOKKEEPING_KEYS or value in ("", None):
             continue
         if key == "bounds_lonlat":
             value = json.loads(value)

@@ -107,6 +107,7 @@ class IndexStore:
     def __init__(self, location: StoreLocation, client: Any) -> None:
         self.location = location
         self.client = client
+        self._writing = False  # this store holds the write lock (its own run is not "another run")
 
     # -- opening --------------------------------------------------------------------------------
 
@@ -159,16 +160,18 @@ class IndexStore:
             except BlockingIOError:
                 log.warning("another indexing run is writing %s; waiting for it to finish", self.location)
                 fcntl.flock(f, fcntl.LOCK_EX)
+            self._writing = True
             try:
                 yield
             finally:
+                self._writing = False
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def being_written(self) -> bool:
-        """Whether an indexing run holds the write lock right now."""
-        if self.location.path is None or not (self.location.path / WRITE_LOCK).is_file():
+        """Whether another indexing run holds the write lock right now."""
+        if self._writing or self.location.path is None or not (self.location.path / WRITE_LOCK).is_file():
             return False
-        with (self.location.path / WRITE_LOCK).open("a") as f:
+        with (self.location.path / WRITE_LOCK).open("r") as f:  # a read-only index volume is fine
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:

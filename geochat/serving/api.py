@@ -47,6 +47,7 @@ from geochat.serving.session import NEEDS_IMAGE
 
 logger = logging.getLogger(__name__)
 
+BODY_READ_TIMEOUT_S = 120  # for the whole body: 32 MiB of base64 at about 3.5 Mbit/s
 MAX_LABELS = 200  # `labels` of one request: each goes into the prompt and into every decoding step's constraint
 
 
@@ -183,10 +184,14 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
                                 f"(max_upload_bytes={settings.max_upload_bytes:,} plus text)")
         async with reading:
             body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > settings.max_body_bytes:
-                    raise ApiError(413, f"request body is larger than {settings.max_body_bytes:,} bytes")
+            try:
+                async with asyncio.timeout(BODY_READ_TIMEOUT_S):  # a slow client must not hold a reading slot
+                    async for chunk in request.stream():
+                        body += chunk
+                        if len(body) > settings.max_body_bytes:
+                            raise ApiError(413, f"request body is larger than {settings.max_body_bytes:,} bytes")
+            except TimeoutError as exc:
+                raise ApiError(408, f"the request body took longer than {BODY_READ_TIMEOUT_S} s to arrive") from exc
             try:
                 return json.loads(body)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -56,9 +56,13 @@ def lr_at(step: int, cfg: OptimConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def _step_of(log_line: str) -> int:
-    """The step a log.jsonl row belongs to (`{"step": …}` or `{"eval": {"step": …}}`)."""
-    record = json.loads(log_line)
+def _step_of(log_line: str) -> int | None:
+    """The step a log.jsonl row belongs to (`{"step": …}` or `{"eval": {"step": …}}`); None for a row a kill
+    cut in half."""
+    try:
+        record = json.loads(log_line)
+    except json.JSONDecodeError:
+        return None
     return int(record.get("step", record.get("eval", {}).get("step", 0)))
 
 
@@ -158,8 +162,11 @@ class Trainer:
         log = self.directory / "log.jsonl"
         if not self.is_main or not log.is_file():
             return
-        kept = [line for line in log.read_text(encoding="utf-8").splitlines() if line.strip() and _step_of(line) <= step]
-        log.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        kept = [line for line in log.read_text(encoding="utf-8").splitlines()
+                if line.strip() and (n := _step_of(line)) is not None and n <= step]
+        tmp = log.with_name(f".{log.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        tmp.replace(log)
 
     # -- the loop ----------------------------------------------------------------------------------
 

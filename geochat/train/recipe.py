@@ -57,7 +57,7 @@ def check_tower_keys(vision: Any, where: str) -> None:
 
     if not isinstance(vision, dict):
         raise ValueError(f"{where} must be a mapping of the tower's settings, got {type(vision).__name__}")
-    known = set(signature(GeoHybridVisionConfig.__init__).parameters) - {"self"} | {"model_type"}
+    known = set(signature(GeoHybridVisionConfig.__init__).parameters) - {"self", "kwargs"} | {"model_type"}
     unknown = sorted(set(vision) - known)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; the tower's settings are {sorted(known)}")
