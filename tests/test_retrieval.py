@@ -394,3 +394,28 @@ def test_a_doc_without_text_is_indexed_once(tmp_path: Path, docs: Path, embedder
     (docs / "todo.md").unlink()
     gone = index_docs(IndexStore.open(location), docs, embedder=embedder, progress=False)
     assert gone.removed_files == ["docs/todo.md"]
+
+
+def test_concurrent_queries_leave_torchs_thread_count_as_it_was(embedder: TextEmbedder,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    model = type(embedder.model)
+    real = model.get_query_embedding
+
+    def slow(self: object, query: str) -> list[float]:  # widens the window in which queries overlap
+        time.sleep(0.05)
+        return real(self, query)
+
+    monkeypatch.setattr(model, "get_query_embedding", slow)
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(embedder.embed_query, [f"query {i}" for i in range(8)]))
+        with ThreadPoolExecutor(1) as later:  # a thread started afterwards, as a server's next request
+            assert later.submit(torch.get_num_threads).result() == 2  # not the 1 a query runs with
+    finally:
+        torch.set_num_threads(2)

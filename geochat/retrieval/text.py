@@ -8,6 +8,7 @@ and is loaded with `local_files_only`, so nothing is fetched from the Hub. Vecto
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -19,6 +20,7 @@ from geochat.model.weights import minilm_dir
 MINILM_NAME = "all-MiniLM-L6-v2"
 MINILM_DIM = 384
 EMBED_BATCH = 32
+_THREADS_LOCK = threading.Lock()  # embed_query's save/set/restore of torch's thread count
 
 
 class TextEmbedder:
@@ -64,12 +66,15 @@ class TextEmbedder:
         """
         import torch
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return np.asarray(self.model.get_query_embedding(text), dtype=np.float32)
-        finally:
-            torch.set_num_threads(threads)
+        # torch's thread count is process-wide: without the lock, two queries at once could each save the
+        # other's 1 and leave every later generation on one thread
+        with _THREADS_LOCK:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                return np.asarray(self.model.get_query_embedding(text), dtype=np.float32)
+            finally:
+                torch.set_num_threads(threads)
 
     def count_tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
