@@ -102,6 +102,11 @@ class _TimedStreamer(TextStreamer):
             self.on_text(text)
 
 
+def _check_max_new_tokens(n: int) -> None:
+    if n < 1:
+        raise GeoChatError(f"max_new_tokens must be at least 1, got {n}")
+
+
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -164,8 +169,7 @@ class GeoChat:
     """Chat about remote-sensing images. Thread-safe; one instance serves many users."""
 
     def __init__(self, assistant: Assistant, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> None:
-        if max_new_tokens < 1:
-            raise GeoChatError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        _check_max_new_tokens(max_new_tokens)
         self.assistant = assistant
         self.max_new_tokens = max_new_tokens
         self.retriever: Any | None = None  # set by the retrieval layer: .search(query, k) -> list[Passage]
@@ -224,8 +228,8 @@ class GeoChat:
         With `task="classify"` and `labels` (and no `cot`), the answer is exactly one of the labels.
         """
         start = time.perf_counter()
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise GeoChatError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if max_new_tokens is not None:
+            _check_max_new_tokens(max_new_tokens)
         task = Task(task) if task is not None else Task.CHAT
         loaded = self._load(image, bands, sensor)
         region_box = self._region_box(region, loaded) if region is not None else None

@@ -194,12 +194,10 @@ def _clip(ring: Sequence[Point], meridian: float, keep_west: bool) -> list[Point
 
     out: list[Point] = []
     for a, b in zip(ring, ring[1:], strict=False):
-        if inside(b):
-            if not inside(a):
-                out.append((meridian, a[1] + (b[1] - a[1]) * (meridian - a[0]) / (b[0] - a[0])))
-            out.append(b)
-        elif inside(a):
+        if inside(a) != inside(b):  # the edge crosses the meridian: keep the crossing point
             out.append((meridian, a[1] + (b[1] - a[1]) * (meridian - a[0]) / (b[0] - a[0])))
+        if inside(b):
+            out.append(b)
     return _close_ring(out)
 
 

@@ -155,11 +155,7 @@ class TowerEmbedder:
     def bank(self) -> QueryBank | None:
         from geochat.train.dual_encoder import load_query_bank
 
-        bank = load_query_bank(self.directory)
-        if bank is not None and bank.keys.shape[1] != self.dim:
-            raise GeoChatError(f"the query bank in {self.directory} holds {bank.keys.shape[1]}-d rows, the tower "
-                               f"{self.dim}-d: rewrite it with `python -m geochat.train.query_bank RECIPE {self.directory}`")
-        return bank
+        return load_query_bank(self.directory)
 
     def embed_images(self, rgbs: Sequence[np.ndarray]) -> np.ndarray:
         from geochat.train.dual_encoder import tower_embedding
@@ -253,14 +249,18 @@ class _Item:
     captions: list[str]
 
 
-def _read_item(path: Path, digest: str, annotations: dict[Path, dict[str, Any]], max_size: int,
+def _words(path: Path, annotations: dict[Path, dict[str, Any]]) -> tuple[list[str], str]:
+    """An image's captions (its sidecar's, else its annotation row's) and label ("" without one)."""
+    ann = annotations.get(_abs(path), {})
+    return sidecar_captions(path) or ann.get("captions", []), str(ann.get("label") or "")
+
+
+def _read_item(path: Path, digest: str, captions: list[str], label: str, max_size: int,
                file_meta: dict[str, str]) -> _Item:
     from geochat.imagery import load_image
 
     loaded = load_image(path, max_size=max_size)
     info = loaded.info
-    ann = annotations.get(_abs(path), {})
-    captions = sidecar_captions(path) or ann.get("captions", [])
     meta = {
         "path": str(_abs(path)),
         "content_hash": digest,
@@ -272,7 +272,7 @@ def _read_item(path: Path, digest: str, annotations: dict[Path, dict[str, Any]],
         "date": image_date(path) or "",
         "caption": captions[0] if captions else "",
         "captions": " | ".join(captions),
-        "label": str(ann.get("label") or ""),
+        "label": label,
     }
     return _Item(path, _record_id(path), loaded.rgb, meta, captions)
 
@@ -362,16 +362,16 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
             st = path.stat()
             stat = f"{st.st_size}:{st.st_mtime_ns}"
             pixels = str(old["file_hash"]) if old and old.get("file_stat") == stat and old.get("file_hash") else _digest(path)
-            words = json.dumps([sidecar_captions(path), annotations.get(_abs(path), {})], sort_keys=True, default=str)
-            digest = hashlib.sha256(f"{pixels}\n{words}".encode()).hexdigest()
-            if old is not None and (old.get("content_hash") == digest or _same_as_before(old, pixels, path, annotations)):
+            texts, label = _words(path, annotations)  # (`captions` is the captions collection here)
+            digest = hashlib.sha256(f"{pixels}\n{json.dumps([texts, label])}".encode()).hexdigest()
+            if old is not None and (old.get("content_hash") == digest or _same_as_before(old, pixels, texts, label)):
                 if old.get("content_hash") != digest or old.get("file_stat") != stat:  # keep the vector, renew the keys
                     images.update(ids=[_record_id(path)],
                                   metadatas=[{**old, "content_hash": digest, "file_hash": pixels, "file_stat": stat}])
                 report.skipped += 1
                 bar.update(1)
                 continue
-            batch.append(_read_item(path, digest, annotations, max_size, {"file_hash": pixels, "file_stat": stat}))
+            batch.append(_read_item(path, digest, texts, label, max_size, {"file_hash": pixels, "file_stat": stat}))
         except (ImageryError, OSError, UnicodeDecodeError) as exc:  # unreadable, vanished, a non-UTF-8 caption
             report.failed_files.append(f"{path.name} ({exc})")
             bar.update(1)
@@ -390,14 +390,11 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
     return report
 
 
-def _same_as_before(old: dict[str, Any], pixels: str, path: Path, annotations: dict[Path, dict[str, Any]]) -> bool:
+def _same_as_before(old: dict[str, Any], pixels: str, captions: list[str], label: str) -> bool:
     """A record written before the content hash covered the words (its hash is the file's alone) that still
     matches the file and its words: kept, not re-embedded, when an older index is first updated."""
-    if old.get("content_hash") != pixels:
-        return False
-    ann = annotations.get(_abs(path), {})
-    captions = sidecar_captions(path) or ann.get("captions", [])
-    return old.get("captions", "") == " | ".join(captions) and old.get("label", "") == str(ann.get("label") or "")
+    return (old.get("content_hash") == pixels and old.get("captions", "") == " | ".join(captions)
+            and old.get("label", "") == label)
 
 
 def _warn_of_other_roots(store: IndexStore, root: Path) -> None:

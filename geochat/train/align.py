@@ -28,7 +28,7 @@ import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +44,13 @@ from geochat.model.hybrid_tower import CACHEABLE_TAIL, GeoHybridVisionConfig, Ge
 from geochat.model.processor import normalise, square_resized, unit_scale
 from geochat.paths import cache_root
 from geochat.train.dual_encoder import (
-    QUERY_BANK,
     QueryBank,
     TextEncoder,
     label_embeddings,
     mean_of_views,
     quarter_turns,
+    save_query_bank,
     save_tower,
-    tower_fingerprint,
     tower_weights,
 )
 from geochat.train.features import cache_stem_features, cache_text_embeddings, read_rgb
@@ -315,7 +314,7 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
             bank = build_query_bank(model, data, device, mean, std)
         save_tower(tower.cpu(), directory)
         if bank is not None:
-            replace(bank, tower=tower_fingerprint(directory)).save(directory / QUERY_BANK)
+            save_query_bank(bank, directory)
         trainer.plot()
     return tower
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -214,6 +214,11 @@ class QueryBank:
                                  "`python -m geochat.train.query_bank RECIPE DIR`") from exc
 
 
+def save_query_bank(bank: QueryBank, directory: Path) -> Path:
+    """Write `bank` beside the tower saved in `directory`, stamped with that tower's fingerprint."""
+    return replace(bank, tower=tower_fingerprint(directory)).save(directory / QUERY_BANK)
+
+
 def load_query_bank(directory: Path) -> QueryBank | None:
     """The query bank saved beside the tower in `directory`, if there is one and it was built from that tower
     (a bank left beside a retrained tower would pull queries toward the old tower's image rows: it is skipped,
@@ -222,6 +227,10 @@ def load_query_bank(directory: Path) -> QueryBank | None:
     if not path.is_file() or not tower_weights(directory).is_file():
         return None
     bank = QueryBank.load(path)
+    dim = GeoHybridVisionConfig.from_pretrained(directory / VISION_DIR).projection_dim
+    if bank.keys.shape[1] != dim:
+        raise ModelLoadError(f"the query bank in {directory} holds {bank.keys.shape[1]}-d rows, its tower {dim}-d: "
+                             f"rewrite it with `python -m geochat.train.query_bank RECIPE {directory}`")
     if bank.tower and bank.tower != tower_fingerprint(directory):
         log.warning("%s was built for another tower than the one in %s; searching without it (rewrite it with "
                     "`python -m geochat.train.query_bank RECIPE %s`)", path, directory / VISION_DIR, directory)
@@ -240,8 +249,6 @@ class DualEncoder:
             raise ModelLoadError(
                 f"the tower's head gives {tower.config.projection_dim}-d embeddings, the text encoder {text.dim}-d"
             )
-        if bank is not None and bank.keys.shape[1] != text.dim:
-            raise ModelLoadError(f"the query bank holds {bank.keys.shape[1]}-d rows, the text encoder gives {text.dim}-d")
         self.tower = tower.eval()
         self.text = text
         self.mean, self.std = tuple(mean), tuple(std)

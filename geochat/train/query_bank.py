@@ -19,7 +19,7 @@ import torch
 
 from geochat.errors import GeoChatError
 from geochat.train.align import AlignModel, build_query_bank, load_align_data
-from geochat.train.dual_encoder import QUERY_BANK, TextEncoder, load_tower, tower_fingerprint, tower_weights
+from geochat.train.dual_encoder import TextEncoder, load_tower, save_query_bank, tower_weights
 from geochat.train.recipe import load_recipe
 
 
@@ -39,7 +39,7 @@ def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) 
     align = recipe.assistant_config("align")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bank = build_query_bank(model.to(device), data, device, align.image_mean, align.image_std)
-    return replace(bank, tower=tower_fingerprint(tower_dir)).save(tower_dir / QUERY_BANK)
+    return save_query_bank(bank, tower_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
