@@ -132,6 +132,22 @@ def test_chunks_by_heading_with_front_matter_in_metadata(docs: Path, store: Inde
     assert meta["sources"] == "ESA Sentinel-2 User Handbook"
 
 
+def test_every_bundled_chunk_fits_the_encoders_window_whole(embedder: TextEmbedder) -> None:
+    """The text embedded for a chunk (its metadata prefix, its body, [CLS] and [SEP]) is never cut by MiniLM."""
+    from llama_index.core.schema import MetadataMode
+
+    from geochat.retrieval.docs import BUNDLED_KNOWLEDGE, chunk_document, load_document, source_name
+
+    sizes = []
+    for path in sorted(BUNDLED_KNOWLEDGE.rglob("*.md")):
+        doc = load_document(path, source_name(BUNDLED_KNOWLEDGE, path), "hash")
+        sizes += [len(embedder.tokenizer.encode(c.get_content(metadata_mode=MetadataMode.EMBED)))
+                  for c in chunk_document(doc, embedder)]
+    assert len(sizes) > 100 and embedder.max_tokens == 256
+    assert max(sizes) <= embedder.max_tokens
+    assert max(sizes) > embedder.max_tokens - 16  # long sections are split near the window, not far below it
+
+
 def test_incremental_reindex_skips_unchanged_and_reembeds_only_the_touched_file(
     docs: Path, store: IndexStore, embedder: TextEmbedder
 ) -> None:

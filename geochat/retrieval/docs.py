@@ -37,8 +37,8 @@ from geochat.retrieval.store import DOCS, IndexStore
 from geochat.retrieval.text import TextEmbedder
 
 # Bump when chunking changes: every file's hash changes with it, so the next run re-embeds all.
-CHUNKING_VERSION = "md-sections-v1"
-CHUNK_TOKENS = 256  # MiniLM's window (word pieces), metadata prefix included
+CHUNKING_VERSION = "md-sections-v2"  # v2: chunks leave room for the encoder's [CLS] and [SEP]
+SPECIAL_TOKENS = 2  # [CLS] and [SEP]: in the encoder's window (MiniLM: 256 word pieces), not in count_tokens
 CHUNK_OVERLAP = 32
 EMPTY_KEY = "geochat_empty_files"  # collection metadata: JSON {source: hash} of files that gave no chunks
 BUNDLED_KNOWLEDGE = Path(__file__).resolve().parents[2] / "knowledge"
@@ -151,7 +151,7 @@ def chunk_document(document: Any, embedder: TextEmbedder) -> list[Any]:
         node.metadata["heading"] = heading
         kept.append(node)
     splitter = SentenceSplitter(
-        chunk_size=CHUNK_TOKENS, chunk_overlap=CHUNK_OVERLAP, tokenizer=embedder.count_tokens,
+        chunk_size=embedder.max_tokens - SPECIAL_TOKENS, chunk_overlap=CHUNK_OVERLAP, tokenizer=embedder.count_tokens,
         include_prev_next_rel=False,
     )
     chunks = splitter(kept)
