@@ -42,6 +42,7 @@ from geochat.errors import GeoChatError
 from geochat.grounding import (
     Box,
     box_to_pixel_polygon,
+    clip_to_frame,
     grid_to_pixel,
     parse_boxes,
     pixel_box_to_grid,
@@ -442,14 +443,27 @@ class GeoChat:
             return [], None
         info = loaded.info
         w, h = info.width, info.height
-        polygons = [box_to_pixel_polygon(b, w, h) for b in boxes]
-        results = []
-        for box, polygon in zip(boxes, polygons, strict=False):
+        results, polygons, kept, seen = [], [], [], set()
+        for box in boxes:
+            # the model sees a square with the image centred in it: a box in the padding is off the image (and
+            # a latitude past 90°), one that runs into it is cut at the image's edge
+            polygon = clip_to_frame(box_to_pixel_polygon(box, w, h), w, h)
             (x1, y1), (x2, y2) = grid_to_pixel([(box.x1, box.y1), (box.x2, box.y2)], w, h)
+            if box.theta == 0:
+                x1, x2 = sorted(min(max(v, 0.0), float(w)) for v in (x1, x2))
+                y1, y2 = sorted(min(max(v, 0.0), float(h)) for v in (y1, y2))
+            pixel = (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta)
+            if not polygon or (box.phrase, pixel) in seen:  # off the image, or said twice
+                continue
+            seen.add((box.phrase, pixel))
             lonlat = pixel_to_lonlat(info, polygon)
             ring = [*lonlat, lonlat[0]] if lonlat is not None else None
-            results.append(BoxResult(box.phrase, (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta), ring))
-        properties = [{"phrase": b.phrase, "pixel": list(r.pixel)} for b, r in zip(boxes, results, strict=False)]
+            results.append(BoxResult(box.phrase, pixel, ring))
+            polygons.append(polygon)
+            kept.append(box)
+        if not results:
+            return [], None
+        properties = [{"phrase": b.phrase, "pixel": list(r.pixel)} for b, r in zip(kept, results, strict=True)]
         return results, polygons_to_geojson(polygons, info, properties)
 
 

@@ -57,6 +57,7 @@ _STRICT_BOX = re.compile(rf"\{{\s*{_TOKEN}\s*{_TOKEN}\s*{_TOKEN}\s*{_TOKEN}\s*(?
 _PHRASE = re.compile(r"<p>(.*?)</p>", re.DOTALL | re.IGNORECASE)
 _BOX_LIKE = re.compile(r"\{(?:\s*\|?\s*<[^<>{}]*>)+(?:\s*\|)?\s*\}?")  # a box, also broken, unclosed or cut after |
 _STRAY_TOKEN = re.compile(rf"<\s*{_NUM}\s*>")
+_UNFINISHED_TAIL = re.compile(r"(?:\{[\s|<>\d.+\-]*|<[^<>{}\s]*)\Z")  # a box or tag open at the end ("x < 3" stays)
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,9 @@ def parse_boxes_strict(text: str) -> list[Box]:
 
 
 def strip_grounding(text: str) -> str:
-    """Answer text for display: ``<p>x</p>`` becomes ``x``, boxes go, whitespace is tidied."""
-    out = _BOX_LIKE.sub(" ", text)
+    """Answer text for display: ``<p>x</p>`` becomes ``x``, boxes go (a box cut off at the end of an answer
+    that ran out of tokens too), whitespace is tidied."""
+    out = _BOX_LIKE.sub(" ", _UNFINISHED_TAIL.sub("", text))
     out = re.sub(r"</?p>", "", out, flags=re.IGNORECASE)
     out = re.sub(r"[ \t]+", " ", out)
     out = re.sub(r" +([.,;:!?)])", r"\1", out)
@@ -310,6 +312,14 @@ def _clip_convex(subject: list[Point], clip: list[Point]) -> list[Point]:
         if not out:
             return []
     return out
+
+
+def clip_to_frame(polygon: Sequence[Point], width: int, height: int) -> list[Point]:
+    """The part of a convex pixel polygon inside the image (0..width × 0..height); [] when none of it is
+    (a box the model put in the padding of its square input). Degenerate slivers count as none."""
+    frame = [(0.0, 0.0), (float(width), 0.0), (float(width), float(height)), (0.0, float(height))]
+    inside = _clip_convex([(float(x), float(y)) for x, y in polygon], frame)
+    return inside if len(inside) >= 3 and abs(_signed_area(inside)) > 1e-6 else []
 
 
 def rotated_iou(a: Box, b: Box) -> float:

@@ -96,6 +96,10 @@ def test_two_clicks_choose_a_region_in_original_pixels(logic: SessionLogic, geot
     assert (drawn[20, 10:110] != plain[20, 10:110]).any(), "the region's top edge is drawn on the preview"
     session = logic.set_region(session, [None, 1, 2, 3])
     assert session.region is None
+    # typed corners are kept inside the 600 × 300 image; a region wholly outside it is none
+    assert logic.set_region(session, [5000, -5, 100, 40]).region == (100.0, 0.0, 600.0, 40.0)
+    assert logic.set_region(session, [700, 10, 900, 40]).region is None
+    assert logic.set_region(session, [1, 2, float("nan"), 4]).region is None
 
     with pytest.raises(GeoChatError, match="click inside the image"):
         logic.pick(session, float("nan"), 3)
@@ -109,11 +113,16 @@ def test_two_clicks_choose_a_region_in_original_pixels(logic: SessionLogic, geot
 
 def test_ask_streams_then_keeps_history_and_starts_over(logic: SessionLogic, gc: GeoChat, geotiffs: dict[str, Path]) -> None:
     session = logic.open(geotiffs["landsat8_int16_utm18.tif"])
-    updates = [len(s.transcript) for s in logic.ask(session, "what is this?", AskOptions())]
-    assert len(updates) >= 2, "the answer streams: several updates"
+    shown = [s.transcript[-1]["content"] for s in logic.ask(session, "what is this?", AskOptions())]
+    final = session.transcript[-1]["content"]
+    assert shown[0] == "…" and shown[-1] == final
+    partial = [text for text in shown[1:-1] if text not in ("…", final)]
+    assert partial and all(final.startswith(text.rstrip(" .")[:8]) for text in partial), "the answer streams"
     assert session.transcript[0] == {"role": "user", "content": "what is this?"}
     assert session.transcript[-1]["role"] == "assistant" and len(session.answers) == 1
-    assert session.transcript[-1]["content"] == (session.answers[0].answer or "(no answer text)")
+    content = session.transcript[-1]["content"]
+    assert content.startswith(session.answers[0].answer or "(no answer text)")
+    assert session.answers[0].cut_short and content.endswith("*The answer reached the length limit and was cut short.*")
     assert "first token" in session.status
 
     list(logic.ask(session, "and the river?", AskOptions()))
@@ -292,11 +301,14 @@ def test_gradio_handlers_show_errors_as_text(logic: SessionLogic, geotiffs: dict
     fns = {f.name: f.fn for f in demo.fns.values()}
     assert {"on_open", "on_send", "on_pick", "on_reset", "on_task"} <= set(fns)
 
-    with pytest.warns(UserWarning, match="not a readable raster"):  # gr.Warning outside a request
-        out = fns["on_open"](str(geotiffs["corrupt.tif"]), "", "")
-    assert "Could not open the image" in out[-2] and "not a readable raster" in out[-2]
+    import gradio as gr
 
-    out = fns["on_open"](str(geotiffs["landsat8_int16_utm18.tif"]), "", "")
+    with pytest.warns(UserWarning, match="not a readable raster"):  # gr.Warning outside a request
+        out = fns["on_open"](ChatSession(), str(geotiffs["corrupt.tif"]), "", "")
+    assert "Could not open the image" in out[0].status and "not a readable raster" in out[0].status
+
+    landsat = str(geotiffs["landsat8_int16_utm18.tif"])
+    out = fns["on_open"](ChatSession(), landsat, "", "")
     session = out[0]
     assert isinstance(session, ChatSession) and "EPSG:32618" in out[-2]
     with pytest.warns(UserWarning, match="type the thing to locate"):
@@ -304,3 +316,21 @@ def test_gradio_handlers_show_errors_as_text(logic: SessionLogic, geotiffs: dict
     assert updates[-1][0].transcript == [], "refer without a phrase is refused before anything is asked"
     updates = list(fns["on_send"](session, "the river", "refer", False, "", None, None, None, None))
     assert updates[-1][2][0]["content"] == "**refer**: the river"
+    assert "No boxes in this answer" in updates[-1][2][-1]["content"]  # the tiny model locates nothing
+    # while the answer streams only the conversation changes; the picture is drawn once, with the answer
+    assert len(updates) >= 3 and all(isinstance(u[1], type(gr.skip())) for u in updates[:-1])
+    assert isinstance(updates[-1][1], Image.Image)
+    # a typo in the bands keeps the image and the conversation (and says why nothing changed)
+    with pytest.warns(UserWarning, match="band"):
+        kept = fns["on_open"](session, landsat, "", "4,3,99")
+    assert kept[0] is session and len(session.transcript) == 2 and session.loaded is not None
+    assert "Could not open the image" in session.status
+    # valid new bands: a new conversation, and the tab says so
+    out = fns["on_open"](session, landsat, "", "3,2,1")
+    assert out[0].transcript == [] and "new conversation" in out[0].status
+    # whatever replaces the session first stops an answer still streaming into it; Enter and Send are one event
+    send = next(d for d in demo.fns.values() if d.name == "on_send")
+    assert len(send.targets) == 2 and send.trigger_mode == "once"
+    stoppers = [d for d in demo.fns.values() if send._id in (d.cancels or [])]
+    events = sorted(event for d in stoppers for _, event in d.targets)
+    assert events == ["change", "clear", "click", "click", "input", "submit"]  # upload, bin, reset/apply, preset, bands

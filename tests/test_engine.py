@@ -96,6 +96,31 @@ def test_boxes_are_georeferenced(gc: GeoChat, geotiffs: dict[str, Path]) -> None
     assert boxes[0].polygon_lonlat is not None and boxes[0].polygon_lonlat[0] == boxes[0].polygon_lonlat[-1]
 
 
+def test_boxes_off_the_image_are_dropped_and_boxes_across_its_edge_are_cut(gc: GeoChat,
+                                                                          geotiffs: dict[str, Path]) -> None:
+    from geochat.grounding import parse_boxes
+
+    loaded = load_image(geotiffs["rect_600x300_utm.tif"])  # on the grid the image spans y 25..75
+    raw = format_grounded([("in the padding", [Box(10, 2, 40, 20)]),  # wholly above the image
+                           ("across the top edge", [Box(10, 15, 40, 45)]),
+                           ("inside", [Box(50, 40, 60, 60)]), ("inside", [Box(50, 40, 60, 60)])])  # said twice
+    boxes, geojson = gc._georeference(parse_boxes(raw), loaded)
+    assert [b.phrase for b in boxes] == ["across the top edge", "inside"]
+    edge = boxes[0].pixel
+    assert edge[1] == 0 and edge[3] == pytest.approx((45 - 25) / 50 * 300) and edge[4] == 0
+    assert geojson is not None and len(geojson["features"]) == 2
+    west, south, east, north = loaded.info.bounds_lonlat  # type: ignore[misc]
+    for feature in geojson["features"]:
+        ring = feature["geometry"]["coordinates"][0]
+        assert all(west - 1e-6 <= x <= east + 1e-6 and south - 1e-6 <= y <= north + 1e-6 for x, y in ring)
+    # a rotated box across the edge is cut there too (its ring has more corners than four, all inside)
+    turned, _ = gc._georeference(parse_boxes(format_grounded([("turned", [Box(10, 15, 40, 45, 30.0)])])), loaded)
+    assert turned and turned[0].polygon_lonlat is not None
+    assert all(south - 1e-6 <= y <= north + 1e-6 for _, y in turned[0].polygon_lonlat)
+    only_off, none = gc._georeference(parse_boxes(format_grounded([("off", [Box(0, 0, 100, 10)])])), loaded)
+    assert only_off == [] and none is None
+
+
 def test_identify_requires_region_inside_image(gc: GeoChat) -> None:
     with pytest.raises(GeoChatError, match="needs a region"):
         gc.chat(_image(), "what is here?", task="identify")

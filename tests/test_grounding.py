@@ -179,6 +179,12 @@ def test_strip_grounding():
     # generation stopped by the token limit right after a box's "|": no stray "|" in the answer
     assert strip_grounding("<p>buildings</p> {<2><13><3><26>|<-2>}{<2><25><40><53>|") == "buildings"
     assert strip_grounding("plain {set} text") == "plain {set} text"
+    # cut off inside a box's numbers or right after its "{": the final answer keeps no markup
+    assert strip_grounding("x {<12><3") == "x"
+    assert strip_grounding("Africa {<") == "Africa"
+    assert strip_grounding("Africa {") == "Africa"
+    assert strip_grounding("the <p>runway</p> <p") == "the runway"
+    assert strip_grounding("NDVI < 0.2") == "NDVI < 0.2"  # a comparison is text, not an open tag
 
 
 # --- grid <-> pixel ------------------------------------------------------------------------------

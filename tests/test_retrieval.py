@@ -382,6 +382,34 @@ def test_indexing_runs_take_turns_and_readers_are_told_so(tmp_path: Path, docs: 
     assert not reader.being_written() and reader.collection(DOCS) is not None
 
 
+def test_starting_up_while_another_run_indexes_waits_for_it(tmp_path: Path, docs: Path, embedder: TextEmbedder) -> None:
+    """A second app (or `geochat ask`) started during another run's indexing waits and then answers with the
+    finished index, instead of exiting on the half-written collection."""
+    import threading
+    import time
+
+    location = StoreLocation(path=tmp_path / "index")
+    writer = IndexStore.open(location, create=True)
+    index_docs(writer, docs, embedder=embedder, progress=False)
+    started, finished = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with writer.writing():
+            col = writer.writable_collection(DOCS, embedder.name, embedder.dim)  # half-written from here on
+            started.set()
+            time.sleep(1.5)
+            writer.finish(col)
+            finished.set()
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    assert started.wait(30)
+    retriever, report = ensure_retriever(location, docs_root=docs, progress=False)
+    assert finished.is_set(), "it waited for the other run"
+    thread.join()
+    assert retriever is not None and retriever.search("revisit time", k=1)
+
+
 def test_a_docs_index_dropped_by_another_process_does_not_stop_the_answer(
         tmp_path: Path, docs: Path, embedder: TextEmbedder, tiny_llm_dir: Path) -> None:
     location = StoreLocation(path=tmp_path / "index")

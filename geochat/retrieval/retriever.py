@@ -178,7 +178,7 @@ def ensure_retriever(
 
     Needed: the store holds no docs collection yet (first use), or its docs collection mirrors
     `docs_root` and a file there was added, changed or removed since (checked by content hash; an
-    index of some other directory is left alone). Returns (None, None) when there is neither an
+    index of some other directory is left alone). Another run indexing there is waited for. Returns (None, None) when there is neither an
     index nor a docs directory; a broken index raises `CorruptIndexError` (never silently rebuilt:
     it may hold an image archive). The report is None when nothing was indexed.
     """
@@ -188,6 +188,9 @@ def ensure_retriever(
     if not IndexStore.exists(location) and not has_docs_dir:
         return None, None
     store = IndexStore.open(location, create=True)
+    if store.being_written():  # another run is indexing here (a second app, `geochat index`): let it finish
+        with store.writing():  # waits for its lock (and says so) instead of failing on its half-written collection
+            pass
     retriever = Retriever(store, k=k)
     if not has_docs_dir or docs_root is None:
         return retriever, None

@@ -153,13 +153,19 @@ class SessionLogic:
         return session
 
     def set_region(self, session: ChatSession, values: Sequence[float | None]) -> ChatSession:
-        """Region typed as x1, y1, x2, y2 (pixels); any empty field clears it."""
-        if any(v is None for v in values):
+        """Region typed as x1, y1, x2, y2 (pixels), kept inside the image; any empty field, or a region
+        with nothing of the image in it, clears it."""
+        if any(v is None or not math.isfinite(v) for v in values):
             session.region = None
             return session
         x1, y1, x2, y2 = (float(v) for v in values if v is not None)
+        if session.loaded is not None:
+            w, h = float(session.loaded.info.width), float(session.loaded.info.height)
+            x1, x2 = (min(max(v, 0.0), w) for v in (x1, x2))
+            y1, y2 = (min(max(v, 0.0), h) for v in (y1, y2))
         session.corner = None
-        session.region = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+        region = (min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))
+        session.region = region if region[2] > region[0] and region[3] > region[1] else None
         return session
 
     # -- chat ---------------------------------------------------------------------------------
@@ -201,6 +207,10 @@ class SessionLogic:
         text = answer.answer or "(no answer text)"
         if answer.boxes:
             text += f"\n\n*{len(answer.boxes)} box{'es' if len(answer.boxes) != 1 else ''} drawn on the image.*"
+        elif task in (Task.REFER, Task.GROUNDING):
+            text += "\n\n*No boxes in this answer: the model did not locate anything on the image.*"
+        if answer.cut_short:
+            text += "\n\n*The answer reached the length limit and was cut short.*"
         session.transcript = [*base, *_assistant_messages(answer.reasoning, text, done=True)]
         t = answer.timings
         session.status = f"model `{answer.model.name}` · first token {t.ttft_s:.2f} s · total {t.total_s:.2f} s"

@@ -120,21 +120,46 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
 
         common = [state, image, chatbot, geojson, sources, sources_box, status, *corners]
 
-        def on_open(path: str | None, sensor_name: str, band_text: str) -> list[Any]:
+        def on_open(previous: ChatSession, path: str | None, sensor_name: str, band_text: str) -> list[Any]:
             try:
                 session = logic.open(path, sensor_name, band_text)
-            except GeoChatError as exc:
+            except GeoChatError as exc:  # a typo in the bands or a bad file: what the tab had stays
                 gr.Warning(str(exc))
-                return [*shown(ChatSession()), f"⚠️ **Could not open the image:** {exc}", gr.Gallery(visible=False)]
+                previous.status = f"⚠️ Could not open the image: {exc}"
+                return [*shown(previous), gr.skip(), gr.skip()]
+            if previous.transcript and session.image_name == previous.image_name:
+                session.status = "Bands changed: a new conversation starts (the earlier answers saw other bands)."
             text = info_markdown(session.loaded) if session.loaded is not None else "*No image yet.*"
             gallery = gr.Gallery(value=session.similar or None, visible=bool(session.similar))
             return [*shown(session), text, gallery]
 
+        def on_send(session: ChatSession, text: str, task_name: str, with_cot: bool, label_text: str,
+                    *region: float | None) -> Iterator[list[Any]]:
+            session = logic.set_region(session, region) if task_name == "identify" else session
+            options = AskOptions(task=task_name, cot=with_cot, labels=label_text or "", region=session.region)
+            turns = len(session.answers)
+            try:
+                for update in logic.ask(session, text or "", options):  # updates `session` in place
+                    if len(update.answers) > turns:  # the answer is complete: draw its boxes, sources, download
+                        yield [*shown(update), ""]
+                    else:  # while it streams only the conversation changes (drawing the preview costs 0.1-0.2 s)
+                        yield [update, gr.skip(), update.transcript, *[gr.skip()] * (len(common) - 3), ""]
+            except GeoChatError as exc:
+                gr.Warning(str(exc))
+                yield [*shown(session), gr.skip()]
+
+        send_inputs = [state, message, task, cot, labels, *corners]
+        # one event for both triggers: Enter then a click on Send while an answer streams runs one turn, not two
+        sending = gr.on([send.click, message.submit], on_send, send_inputs, [*common, message], trigger_mode="once")
+
+        # whatever replaces the session (another image, other bands, starting over) first stops the answer
+        # being streamed into it, which would otherwise put the old conversation back when it ends
         open_outputs = [*common, info, similar]
-        upload.change(on_open, [upload, sensor, bands], open_outputs)
-        apply_bands.click(on_open, [upload, sensor, bands], open_outputs)
-        sensor.input(on_open, [upload, sensor, bands], open_outputs)
-        bands.submit(on_open, [upload, sensor, bands], open_outputs)
+        open_inputs = [state, upload, sensor, bands]
+        upload.change(on_open, open_inputs, open_outputs, cancels=[sending])
+        apply_bands.click(on_open, open_inputs, open_outputs, cancels=[sending])
+        sensor.input(on_open, open_inputs, open_outputs, cancels=[sending])
+        bands.submit(on_open, open_inputs, open_outputs, cancels=[sending])
 
         def on_pick(session: ChatSession, evt: gr.SelectData) -> list[Any]:
             try:
@@ -157,25 +182,10 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
 
         task.change(on_task, [task], [message, labels, region_row])
 
-        def on_send(session: ChatSession, text: str, task_name: str, with_cot: bool, label_text: str,
-                    *region: float | None) -> Iterator[list[Any]]:
-            session = logic.set_region(session, region) if task_name == "identify" else session
-            options = AskOptions(task=task_name, cot=with_cot, labels=label_text or "", region=session.region)
-            try:
-                for update in logic.ask(session, text or "", options):  # updates `session` in place
-                    yield [*shown(update), ""]
-            except GeoChatError as exc:
-                gr.Warning(str(exc))
-                yield [*shown(session), gr.Textbox()]
-
-        send_inputs = [state, message, task, cot, labels, *corners]
-        send.click(on_send, send_inputs, [*common, message])
-        message.submit(on_send, send_inputs, [*common, message])
-
         def on_reset(session: ChatSession) -> list[Any]:
             return shown(logic.reset(session))
 
-        reset.click(on_reset, [state], common)
-        chatbot.clear(on_reset, [state], common)  # the chat's own bin icon starts over too
+        reset.click(on_reset, [state], common, cancels=[sending])
+        chatbot.clear(on_reset, [state], common, cancels=[sending])  # the chat's own bin icon starts over too
     demo.queue(default_concurrency_limit=logic.settings.max_concurrent_requests)
     return demo
