@@ -146,6 +146,18 @@ def test_percentile_mode_on_uint8_and_auto_passthrough(fixtures: dict[str, Path]
     assert (pct.rgb[..., 2] == 128).all()             # constant band: mid-grey, no division by zero
 
 
+def test_an_8bit_mask_or_class_map_is_spread_not_shown_black() -> None:
+    mask = np.zeros((20, 30), np.uint8)
+    mask[5:15, 10:20] = 1                                 # a 0/1 land mask, as world_wgs84.tif holds
+    im = load_image(mask)
+    assert set(np.unique(im.rgb).tolist()) == {0, 255}
+    classes = (np.arange(600).reshape(20, 30) % 6).astype(np.uint8)  # codes 0..5
+    assert sorted(np.unique(load_image(classes).rgb[..., 0]).tolist()) == [0, 51, 102, 153, 204, 255]
+    photo = np.full((20, 30, 3), 16, np.uint8)            # past the codes: a (dark) picture keeps its values
+    photo[0, 0] = 40
+    assert (load_image(photo).rgb == photo).all()
+
+
 def test_constant_and_all_invalid_bands_do_not_crash() -> None:
     const = load_image(np.full((8, 8), 7, dtype=np.uint16))
     assert (const.rgb == 128).all()

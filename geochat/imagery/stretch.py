@@ -6,7 +6,7 @@ percentile of the valid pixels linearly to 0-255 (the default of QGIS and most v
 ignores outliers such as clouds, glint and nodata. SAR amplitude is stretched in decibels
 (20 * log10 |z|), since its speckle spans orders of magnitude. 8-bit data (PNG/JPEG photos, RGB
 GeoTIFFs) is already display-ready and passes through unchanged under the "auto" mode, so photos keep
-their colour balance.
+their colour balance; 8-bit codes (a 0/1 mask, a class map with values up to 15) are spread over 0-255.
 
 The limits are kept in a `Stretch` so that tiles read later (`read_window`) look like the overview.
 """
@@ -20,6 +20,7 @@ import numpy as np
 STRETCH_MODES = ("auto", "percentile")
 PERCENTILES = (2.0, 98.0)
 CONSTANT_GREY = 128       # value of a valid pixel of a constant channel (no contrast to stretch)
+CODED_UINT8_MAX = 15      # 8-bit data no higher than this is codes (a mask, classes), not a picture
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,19 @@ def compute_stretch(channels: list[np.ndarray], valid: np.ndarray, *, mode: str 
                     raw_dtype: str = "float32", decibels: bool = False) -> Stretch:
     """Limits for three display-unit channels (each (h, w)) from their valid pixels.
 
-    `mode="auto"` keeps uint8 data as is (limits 0, 255); otherwise, and for `mode="percentile"`,
-    the limits are the 2nd and 98th percentiles of each channel's valid, finite pixels.
+    `mode="auto"` keeps uint8 data as is (limits 0, 255), except codes (every channel at most
+    `CODED_UINT8_MAX`: a 0/1 mask, a class map), which go from their min and max; otherwise, and for
+    `mode="percentile"`, the limits are the 2nd and 98th percentiles of each channel's valid, finite pixels.
     """
     if mode not in STRETCH_MODES:
         raise ValueError(f"unknown stretch mode {mode!r}; choose one of {STRETCH_MODES}")
     if len(channels) != 3:
         raise ValueError(f"expected 3 channels, got {len(channels)}")
     if mode == "auto" and raw_dtype == "uint8" and not decibels:
+        ranges = [_min_max(ch, valid) for ch in channels]
+        if all(hi <= CODED_UINT8_MAX for _, hi in ranges) and any(hi > lo for lo, hi in ranges):
+            # a mask or class map (0/1, a few codes): shown as is it is black; spread its codes over 0-255
+            return Stretch((ranges[0], ranges[1], ranges[2]), decibels)
         return Stretch(((0.0, 255.0), (0.0, 255.0), (0.0, 255.0)), decibels)
     limits: list[tuple[float, float]] = []
     cache: dict[int, tuple[float, float]] = {}
@@ -71,6 +77,11 @@ def compute_stretch(channels: list[np.ndarray], valid: np.ndarray, *, mode: str 
                 cache[id(ch)] = (float(lo), float(hi))
         limits.append(cache[id(ch)])
     return Stretch((limits[0], limits[1], limits[2]), decibels)
+
+
+def _min_max(ch: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    vals = ch[valid & np.isfinite(ch)]
+    return (float(vals.min()), float(vals.max())) if vals.size else (0.0, 0.0)
 
 
 def apply_stretch(channels: list[np.ndarray], valid: np.ndarray, stretch: Stretch) -> np.ndarray:
