@@ -72,6 +72,13 @@ MAX_SESSIONS = 8  # images whose encodings and KV caches are kept (LRU)
 TRAINED_DEFAULT_DIR = Path(__file__).resolve().parent.parent / "adapters" / "geochat-mini"
 
 
+def names_the_default(name_or_path: str | Path | None) -> bool:
+    """None, "default", or the shipped model's name ("geochat-mini", unless a directory of that name is here)."""
+    if name_or_path is None or str(name_or_path) == "default":
+        return True
+    return str(name_or_path) == TRAINED_DEFAULT_DIR.name and not Path(str(name_or_path)).exists()
+
+
 @dataclass
 class _Session:
     """What is cached about one image: its projected tokens and the KV cache of the last conversation."""
@@ -181,12 +188,13 @@ class GeoChat:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path | None = None, **kwargs: Any) -> GeoChat:
-        """Load an assistant directory, or the offline default when `name_or_path` is None/"default".
+        """Load an assistant directory (or a LLaVA hub id), or the offline default when `name_or_path` is
+        None, "default" or its name "geochat-mini" (and no directory of that name is here).
 
         The default is the trained `adapters/geochat-mini` when it ships, else the assistant
         assembled from the shipped packages with an untrained projector (its name says so).
         """
-        if name_or_path is None or str(name_or_path) == "default":
+        if names_the_default(name_or_path):
             if (TRAINED_DEFAULT_DIR / "geochat_config.json").is_file():
                 return cls(load_assistant(TRAINED_DEFAULT_DIR), **kwargs)
             return cls(build_assistant(offline_default_config()), **kwargs)

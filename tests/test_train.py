@@ -576,7 +576,7 @@ def test_two_cpu_processes_train_the_recipe_and_write_once(tmp_path: Path, data:
 
 
 @pytest.mark.slow
-def test_shipped_default_model_loads_and_answers() -> None:
+def test_shipped_default_model_loads_and_answers(tmp_path: Path) -> None:
     directory = REPO / "adapters" / "geochat-mini"
     if not (directory / "geochat_config.json").is_file():
         pytest.skip("adapters/geochat-mini is not trained yet")
@@ -588,6 +588,17 @@ def test_shipped_default_model_loads_and_answers() -> None:
     assert gc.model_info.name == "geochat-mini"
     rgb = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)
     assert gc.chat(rgb, "Describe this image.").answer.strip()
+    # a saved copy keeps the search tower and its query bank (without them it would search and classify
+    # with the chat tower): the same files, the same fingerprint
+    from geochat.engine import names_the_default
+    from geochat.eval.tasks import load_dual
+    from geochat.train.dual_encoder import load_query_bank, tower_fingerprint
+
+    assert names_the_default("geochat-mini") and not names_the_default(str(tmp_path))  # --model geochat-mini
+    assert load_dual("geochat-mini").bank is not None
+    copy = gc.save_pretrained(tmp_path / "copy")
+    assert tower_fingerprint(copy / "retrieval") == tower_fingerprint(directory / "retrieval")
+    assert load_query_bank(copy / "retrieval") is not None
 
 
 @pytest.mark.slow

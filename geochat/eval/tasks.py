@@ -210,7 +210,7 @@ def labels_of(rows: Sequence[Row], given: str | None) -> list[str]:
 
 def load_dual(model: str | None) -> Any:
     """The dual encoder of an assistant/align directory (its search tower if it has one), or of the shipped default."""
-    from geochat.engine import TRAINED_DEFAULT_DIR
+    from geochat.engine import TRAINED_DEFAULT_DIR, names_the_default
     from geochat.model.config import CONFIG_FILE, AssistantConfig
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
     from geochat.train.dual_encoder import (
@@ -222,6 +222,8 @@ def load_dual(model: str | None) -> Any:
         tower_weights,
     )
 
+    if names_the_default(model):
+        model = None
     directory = Path(model) if model else TRAINED_DEFAULT_DIR
     search = search_tower_dir(directory)
     if tower_weights(search).is_file():

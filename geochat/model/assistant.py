@@ -15,12 +15,15 @@ An assistant directory holds only what is not already shipped elsewhere:
     adapter/                LoRA adapter (peft format), when there is one
     moe.safetensors         MoE-LoRA routers and experts, when there are any
     llm/                    the LLM itself, only when `llm == "embedded"`
+    retrieval/              the dual encoder's search tower and query bank, when a retrieval stage made them
+                            (not part of the chat model: saving a loaded assistant copies them as they are)
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 VISION_DIR = "vision"
+RETRIEVAL_DIR = "retrieval"  # an assistant's search tower (the recipe's retrieval stage), beside vision/
 LLM_DIR = "llm"
 PROJECTOR_FILE = "projector.safetensors"
 MOE_FILE = "moe.safetensors"
@@ -67,6 +71,7 @@ class Assistant:
     num_image_tokens: int
     image_size: int
     llm_source: str  # where the LLM weights came from (a dir or hub id), for `save`
+    directory: Path | None = None  # the assistant directory it was loaded from, if any
 
     @property
     def llava(self) -> LlavaForConditionalGeneration:
@@ -180,7 +185,8 @@ def build_assistant(config: AssistantConfig, directory: Path | None = None) -> A
     num_image_tokens = _num_image_tokens(vision_config, config.vision_feature_select_strategy)
     wrapped = _attach_lora(model, config, directory) if config.lora is not None else model
     wrapped.eval()
-    return Assistant(config, wrapped, tokenizer, image_token_id, num_image_tokens, vision_config.image_size, llm_source)
+    return Assistant(config, wrapped, tokenizer, image_token_id, num_image_tokens, vision_config.image_size, llm_source,
+                     directory)
 
 
 def _compose(config: AssistantConfig, directory: Path | None) -> tuple[LlavaForConditionalGeneration, Any, str]:
@@ -324,6 +330,10 @@ def save_assistant(assistant: Assistant, directory: Path) -> Path:
         assistant.model.save_pretrained(str(directory / ADAPTER_DIR))
     if config.llm == EMBEDDED_LLM and Path(assistant.llm_source).resolve() != (directory / LLM_DIR).resolve():
         raise ModelLoadError("re-saving an embedded LLM elsewhere is not supported; save from its source")
+    search = assistant.directory / RETRIEVAL_DIR if assistant.directory is not None else None
+    if search is not None and search.is_dir() and search.resolve() != (directory / RETRIEVAL_DIR).resolve():
+        shutil.rmtree(directory / RETRIEVAL_DIR, ignore_errors=True)  # the search side goes with the copy
+        shutil.copytree(search, directory / RETRIEVAL_DIR)
     config.save(directory)
     return directory
 

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 from geochat.errors import ModelLoadError
-from geochat.model.assistant import VISION_DIR
+from geochat.model.assistant import RETRIEVAL_DIR, VISION_DIR
 from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
 from geochat.model.processor import to_pixel_values
 
@@ -71,7 +71,6 @@ class TextEncoder:
 
 
 ROTATIONS = 4
-RETRIEVAL_DIR = "retrieval"  # an assistant's search tower (the recipe's retrieval stage), beside vision/
 QUERY_BANK = "query_bank.safetensors"  # beside a tower's vision/: `QueryBank`, when its stage wrote one
 
 
