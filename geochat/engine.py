@@ -194,7 +194,7 @@ class GeoChat:
         The default is the trained `adapters/geochat-mini` when it ships, else the assistant
         assembled from the shipped packages with an untrained projector (its name says so).
         """
-        if names_the_default(name_or_path):
+        if name_or_path is None or names_the_default(name_or_path):
             if (TRAINED_DEFAULT_DIR / "geochat_config.json").is_file():
                 return cls(load_assistant(TRAINED_DEFAULT_DIR), **kwargs)
             return cls(build_assistant(offline_default_config()), **kwargs)
