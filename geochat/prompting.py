@@ -214,7 +214,8 @@ def _instruction(question: str, task: Task, region: Box | None, labels: Sequence
             text = f"{q}\n{CLASSIFY_PROMPT}" if q else CLASSIFY_PROMPT
     else:
         if not q:
-            raise ValueError("a chat question must not be empty")
+            raise ValueError("a chat question must not be empty: type one, or choose a task that needs none "
+                             "(caption, classify, grounding)")
         text = q
     return f"{text}\nRegion: {format_box(region)}" if region is not None else text
 

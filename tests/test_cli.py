@@ -75,6 +75,7 @@ def test_caption_needs_no_question(capsys: pytest.CaptureFixture[str], model_dir
         (["{s2}", "q", "--model", "/no/such/model"], "not a geochat assistant directory"),
         (["{s2}", "q", "--task", "identify"], "needs a region"),
         (["only-one-arg"], "pass an image and a question"),
+        (["{s2}", "q", "--task", "classify", "--labels", " , "], "names no label"),
     ],
 )
 def test_errors_are_one_line_exit_2(

@@ -350,6 +350,11 @@ def test_ask_no_image_returns_sources(built_index: Path, model_dir: Path, capsys
     assert data["sources"][0]["source"] == "docs/sentinel.md" and data["sources"][0]["heading"] == "Spectral bands"
     assert main([*common, "--no-retrieval", "Which band is near infrared on Sentinel-2?"]) == 0
     assert json.loads(capsys.readouterr().out)["sources"] == []
+    # read by a person (no --json), the answer lists the passages it was given
+    readable = [a for a in common if a != "--json"]
+    assert main([*readable, "--k", "2", "Which band is near infrared on Sentinel-2?"]) == 0
+    out = capsys.readouterr().out
+    assert "Sources:\n  [S1] docs/sentinel.md § Spectral bands" in out and "[S2]" in out
 
 
 def test_an_unreadable_doc_is_reported_and_the_rest_stays_searchable(tmp_path: Path, docs: Path,

@@ -88,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
     if not args.no_retrieval:
         gc.retriever = _retriever(args)
-    labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels else None
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels is not None else None
+    if labels == []:
+        raise GeoChatError(f"--labels {args.labels!r} names no label: pass comma-separated options, e.g. "
+                           "--labels airport,forest,harbour")
     if args.tile:
         if image_path is None or args.region:
             raise GeoChatError("--tile needs an image and does not take --region")
@@ -105,6 +108,10 @@ def run(args: argparse.Namespace) -> int:
     print(answer.answer or "(no answer text)")
     for box in answer.boxes:
         print(f"  box {box.phrase or '-'}: pixels {[round(v, 1) for v in box.pixel]}")
+    if answer.sources:  # the passages the model was given, so that a reader can check the answer against them
+        print("Sources:")
+        for source in answer.sources:
+            print(f"  [{source.get('id', '?')}] {source.get('source', '?')} § {source.get('heading') or '(no heading)'}")
     if answer.boxes and loaded is not None and image_path is not None:
         from geochat.drawing import draw_boxes
 

@@ -226,8 +226,8 @@ def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None,
         if info.width * info.height > max_pixels:
             raise ImageryError(
                 f"{name} is {info.width}x{info.height} = {info.width * info.height:,} pixels, more than "
-                f"max_pixels={max_pixels:,}; raise max_pixels or cut a window out first "
-                f"(e.g. gdal_translate -srcwin)"
+                f"the limit of {max_pixels:,}; cut a window out first (e.g. gdal_translate -srcwin X Y W H in.tif "
+                f"out.tif), or in Python raise load_image's max_pixels"
             )
         palette = info.color_interp[:1] == ("palette",) and info.count == 1 and bands is None
         sel = (BandSelection((1, 1, 1), {}, "colorinterp") if palette else
