@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache, TextStreamer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from geochat.answer import Answer, BoxResult, ModelInfo, Timings, Turn
@@ -46,6 +46,7 @@ from geochat.grounding import (
     grid_to_pixel,
     parse_boxes,
     pixel_box_to_grid,
+    rotated_iou,
     strip_grounding,
 )
 from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson
@@ -121,6 +122,42 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+class StopOnLoop(StoppingCriteria):
+    """Stops a generation that has started to loop, instead of letting it run to `max_new_tokens`:
+    - its last `repeats` × L new tokens are one block of L tokens said `repeats` times (L from 4 to 48), or
+    - each of its last `repeats` boxes covers much the same ground as an earlier one (IoU >= 0.5): a
+      small model asked for boxes may walk one box across the image a pixel at a time (13 such boxes on
+      an RSICD storage-tank scene, and every tile of a tiled run paying the full token budget).
+    """
+
+    def __init__(self, prompt_length: int, decode: Callable[[list[int]], str], repeats: int = 3) -> None:
+        self.prompt_length, self.decode, self.repeats = prompt_length, decode, repeats
+        self._closed = 0  # closing braces seen so far: the boxes are checked again when one more is complete
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[0, self.prompt_length:].tolist()
+        looping = any(looped(new, n, self.repeats) for n in range(4, 49))
+        text = self.decode(new) if new and not looping else ""
+        if text.count("}") > self._closed:
+            self._closed = text.count("}")
+            looping = boxes_circle(parse_boxes(text[: text.rfind("}") + 1]), self.repeats)
+        return torch.full((input_ids.shape[0],), looping, dtype=torch.bool, device=input_ids.device)
+
+
+def looped(tokens: Sequence[int], block: int, repeats: int) -> bool:
+    """Whether `tokens` ends with the same `block` tokens `repeats` times in a row."""
+    if len(tokens) < block * repeats:
+        return False
+    tail = tokens[len(tokens) - block:]
+    return all(tokens[len(tokens) - (k + 1) * block: len(tokens) - k * block] == tail for k in range(1, repeats))
+
+
+def boxes_circle(boxes: Sequence[Box], repeats: int, iou: float = 0.5) -> bool:
+    """Whether each of the last `repeats` boxes overlaps some box before it by `iou` or more."""
+    n = len(boxes)
+    return n > repeats and all(any(rotated_iou(boxes[i], boxes[j]) >= iou for j in range(i)) for i in range(n - repeats, n))
 
 
 class StreamCancelled(Exception):
@@ -432,6 +469,7 @@ class GeoChat:
             suppress_tokens=[a.image_token_id],
             pad_token_id=a.pad_token_id,
             prefix_allowed_tokens_fn=allowed,
+            stopping_criteria=StoppingCriteriaList([StopOnLoop(len(ids), a.tokenizer.decode)]),
             **kwargs,
         )
         sequence = out[0].tolist()

@@ -121,6 +121,25 @@ def test_boxes_off_the_image_are_dropped_and_boxes_across_its_edge_are_cut(gc: G
     assert only_off == [] and none is None
 
 
+def test_a_looping_generation_is_stopped() -> None:
+    import torch
+
+    from geochat.engine import StopOnLoop, boxes_circle, looped
+
+    assert looped([9, 1, 2, 3, 4] + [5, 6, 7, 8] * 3, 4, 3) and not looped([5, 6, 7, 8] * 2 + [5, 6, 7, 9], 4, 3)
+    drifting = [Box(2, 13, 3, 26), Box(2, 12, 38, 44), Box(2, 10, 33, 42), Box(16, 13, 23, 31),  # as the shipped
+                Box(2, 12, 34, 44), Box(2, 11, 32, 43), Box(2, 11, 33, 45)]                   # model walks one box
+    assert not boxes_circle(drifting[:6], 3) and boxes_circle(drifting, 3)
+    tanks = [Box(10 * i, 10 * j, 10 * i + 8, 10 * j + 8) for i in range(3) for j in range(3)]  # nine distinct objects
+    assert not boxes_circle(tanks, 3)
+    text = {i: "".join(f"{{<{b.x1:g}><{b.y1:g}><{b.x2:g}><{b.y2:g}>}}" for b in drifting[:i]) for i in range(8)}
+    stop = StopOnLoop(2, lambda new: text[len(new)])  # token k of the answer closes box k
+    answers = [stop(torch.tensor([[0, 0, *range(i)]]), torch.empty(0)).item() for i in range(1, 8)]
+    assert answers == [False] * 6 + [True]
+    plain = StopOnLoop(1, lambda new: "")
+    assert plain(torch.tensor([[0, *([5, 6, 7, 8] * 3)]]), torch.empty(0)).item()
+
+
 def test_identify_requires_region_inside_image(gc: GeoChat) -> None:
     with pytest.raises(GeoChatError, match="needs a region"):
         gc.chat(_image(), "what is here?", task="identify")
