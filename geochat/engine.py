@@ -469,7 +469,7 @@ class GeoChat:
             suppress_tokens=[a.image_token_id],
             pad_token_id=a.pad_token_id,
             prefix_allowed_tokens_fn=allowed,
-            stopping_criteria=StoppingCriteriaList([StopOnLoop(len(ids), a.tokenizer.decode)]),
+            stopping_criteria=StoppingCriteriaList([StopOnLoop(len(ids), lambda new: str(a.tokenizer.decode(new)))]),
             **kwargs,
         )
         sequence = out[0].tolist()
