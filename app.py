@@ -61,6 +61,9 @@ def attach_retriever(gc: GeoChat, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns on every start on a CPU that its optional fast 4-bit kernels (the `kernels` package)
+    # are missing; 4/8-bit loading works without them, so the log would only carry noise
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     import uvicorn
 
     from geochat.engine import GeoChat

@@ -12,14 +12,9 @@ stay light (no torch) for tools that only need them.
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Any
 
 __version__ = "0.1.0"
-
-# bitsandbytes warns on every import on a CPU that its optional fast 4-bit kernels (the `kernels` package) are
-# missing; 4/8-bit loading works without them, so a user would only read noise on every start
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "Answer": "geochat.answer",

@@ -126,7 +126,8 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 class StopOnLoop(StoppingCriteria):
     """Stops a generation that has started to loop, instead of letting it run to `max_new_tokens`:
-    - its last `repeats` × L new tokens are one block of L tokens said `repeats` times (L from 4 to 48), or
+    - its last `repeats` × L new tokens are one block of L tokens said `repeats` times (L from 8 to 48, and no
+      shorter block repeats there: a short one, such as a Markdown table's `|---`, may repeat in a good answer), or
     - each of its last `repeats` boxes covers much the same ground as an earlier one (IoU >= 0.5): a
       small model asked for boxes may walk one box across the image a pixel at a time (13 such boxes on
       an RSICD storage-tank scene, and every tile of a tiled run paying the full token budget).
@@ -137,8 +138,11 @@ class StopOnLoop(StoppingCriteria):
         self._closed = 0  # closing braces seen so far: the boxes are checked again when one more is complete
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if input_ids.shape[0] != 1:
+            raise ValueError("StopOnLoop follows one answer (batch size 1)")
         new = input_ids[0, self.prompt_length:].tolist()
-        looping = any(looped(new, n, self.repeats) for n in range(4, 49))
+        period = next((n for n in range(1, 49) if looped(new, n, self.repeats)), None)  # the shortest repeating block
+        looping = period is not None and period >= 8
         text = self.decode(new) if new and not looping else ""
         if text.count("}") > self._closed:
             self._closed = text.count("}")
@@ -493,15 +497,17 @@ class GeoChat:
         for box in boxes:
             # the model sees a square with the image centred in it: a box in the padding is off the image (and
             # a latitude past 90°), one that runs into it is cut at the image's edge
+            # (`pixel` of a turned box stays the model's rectangle; its polygon and GeoJSON are cut)
             polygon = clip_to_frame(box_to_pixel_polygon(box, w, h), w, h)
+            key = (box.phrase, box.x1, box.y1, box.x2, box.y2, box.theta)
+            if not polygon or key in seen:  # off the image (all but a sliver), or said twice
+                continue
+            seen.add(key)
             (x1, y1), (x2, y2) = grid_to_pixel([(box.x1, box.y1), (box.x2, box.y2)], w, h)
             if box.theta == 0:
                 x1, x2 = sorted(min(max(v, 0.0), float(w)) for v in (x1, x2))
                 y1, y2 = sorted(min(max(v, 0.0), float(h)) for v in (y1, y2))
             pixel = (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta)
-            if not polygon or (box.phrase, pixel) in seen:  # off the image, or said twice
-                continue
-            seen.add((box.phrase, pixel))
             lonlat = pixel_to_lonlat(info, polygon)
             ring = [*lonlat, lonlat[0]] if lonlat is not None else None
             results.append(BoxResult(box.phrase, pixel, ring))

@@ -57,7 +57,7 @@ _STRICT_BOX = re.compile(rf"\{{\s*{_TOKEN}\s*{_TOKEN}\s*{_TOKEN}\s*{_TOKEN}\s*(?
 _PHRASE = re.compile(r"<p>(.*?)</p>", re.DOTALL | re.IGNORECASE)
 _BOX_LIKE = re.compile(r"\{(?:\s*\|?\s*<[^<>{}]*>)+(?:\s*\|)?\s*\}?")  # a box, also broken, unclosed or cut after |
 _STRAY_TOKEN = re.compile(rf"<\s*{_NUM}\s*>")
-_UNFINISHED_TAIL = re.compile(r"(?:\{[\s|<>\d.+\-]*|<[^<>{}\s]*)\Z")  # a box or tag open at the end ("x < 3" stays)
+_UNFINISHED_TAIL = re.compile(r"(?:\{[\s|<>\d.+\-]*|</?p?)\Z")  # a box or <p> tag open at the end ("<10%" stays)
 
 
 @dataclass(frozen=True)
@@ -314,12 +314,14 @@ def _clip_convex(subject: list[Point], clip: list[Point]) -> list[Point]:
     return out
 
 
-def clip_to_frame(polygon: Sequence[Point], width: int, height: int) -> list[Point]:
-    """The part of a convex pixel polygon inside the image (0..width × 0..height); [] when none of it is
-    (a box the model put in the padding of its square input). Degenerate slivers count as none."""
+def clip_to_frame(polygon: Sequence[Point], width: int, height: int, keep: float = 0.1) -> list[Point]:
+    """The part of a convex pixel polygon inside the image (0..width × 0..height); [] when less than `keep`
+    of its area is inside (a box the model put in the padding of its square input, or all but a sliver)."""
     frame = [(0.0, 0.0), (float(width), 0.0), (float(width), float(height)), (0.0, float(height))]
-    inside = _clip_convex([(float(x), float(y)) for x, y in polygon], frame)
-    return inside if len(inside) >= 3 and abs(_signed_area(inside)) > 1e-6 else []
+    points = [(float(x), float(y)) for x, y in polygon]
+    inside = _clip_convex(points, frame)
+    area = abs(_signed_area(inside)) if len(inside) >= 3 else 0.0
+    return inside if area > 0 and area >= keep * abs(_signed_area(points)) else []
 
 
 def rotated_iou(a: Box, b: Box) -> float:

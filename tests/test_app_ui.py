@@ -132,6 +132,13 @@ def test_ask_streams_then_keeps_history_and_starts_over(logic: SessionLogic, gc:
 
     fresh = logic.reset(session)
     assert fresh.transcript == [] and fresh.answers == [] and fresh.loaded is session.loaded
+    # a turn stopped while it streams (another image, Start over) leaves no half turn behind
+    before = list(session.transcript)
+    turn = logic.ask(session, "and the fields?", AskOptions())
+    next(turn), next(turn)
+    assert len(session.transcript) == len(before) + 2
+    turn.close()
+    assert session.transcript == before and len(session.answers) == 2
 
 
 def test_tasks_need_their_inputs(logic: SessionLogic, geotiffs: dict[str, Path]) -> None:
@@ -316,7 +323,7 @@ def test_gradio_handlers_show_errors_as_text(logic: SessionLogic, geotiffs: dict
     assert updates[-1][0].transcript == [], "refer without a phrase is refused before anything is asked"
     updates = list(fns["on_send"](session, "the river", "refer", False, "", None, None, None, None))
     assert updates[-1][2][0]["content"] == "**refer**: the river"
-    assert "No boxes in this answer" in updates[-1][2][-1]["content"]  # the tiny model locates nothing
+    assert "No boxes on the image in this answer" in updates[-1][2][-1]["content"]  # the tiny model locates nothing
     # while the answer streams only the conversation changes; the picture is drawn once, with the answer
     assert len(updates) >= 3 and all(isinstance(u[1], type(gr.skip())) for u in updates[:-1])
     assert isinstance(updates[-1][1], Image.Image)
@@ -325,9 +332,14 @@ def test_gradio_handlers_show_errors_as_text(logic: SessionLogic, geotiffs: dict
         kept = fns["on_open"](session, landsat, "", "4,3,99")
     assert kept[0] is session and len(session.transcript) == 2 and session.loaded is not None
     assert "Could not open the image" in session.status
-    # valid new bands: a new conversation, and the tab says so
+    # valid new bands: a new conversation, and the tab says so (opening the same file the same way does not)
     out = fns["on_open"](session, landsat, "", "3,2,1")
     assert out[0].transcript == [] and "new conversation" in out[0].status
+    session.rendering, session.status = ("", ""), ""
+    assert "Bands changed" not in fns["on_open"](session, landsat, "", "")[0].status
+    # typing a region never writes the four boxes back (a half-typed corner would be wiped)
+    typed = fns["on_region_typed"](session, 10.0, 20.0, None, None)
+    assert all(isinstance(v, type(gr.skip())) for v in typed[-4:]) and typed[0].region is None
     # whatever replaces the session first stops an answer still streaming into it; Enter and Send are one event
     send = next(d for d in demo.fns.values() if d.name == "on_send")
     assert len(send.targets) == 2 and send.trigger_mode == "once"

@@ -119,6 +119,12 @@ def test_boxes_off_the_image_are_dropped_and_boxes_across_its_edge_are_cut(gc: G
     assert all(south - 1e-6 <= y <= north + 1e-6 for _, y in turned[0].polygon_lonlat)
     only_off, none = gc._georeference(parse_boxes(format_grounded([("off", [Box(0, 0, 100, 10)])])), loaded)
     assert only_off == [] and none is None
+    sliver, _ = gc._georeference(parse_boxes(format_grounded([("sliver", [Box(10, 0, 40, 25.5)])])), loaded)
+    assert sliver == []  # all but 2 % of it in the padding
+    # two boxes that reach past the same edge differently are two boxes, not one said twice
+    two, _ = gc._georeference(parse_boxes(format_grounded([("x", [Box(10, 10, 40, 45)]), ("x", [Box(10, 20, 40, 45)])])),
+                              loaded)
+    assert len(two) == 2 and two[0].pixel == two[1].pixel
 
 
 def test_a_looping_generation_is_stopped() -> None:
@@ -137,7 +143,8 @@ def test_a_looping_generation_is_stopped() -> None:
     answers = [stop(torch.tensor([[0, 0, *range(i)]]), torch.empty(0)).item() for i in range(1, 8)]
     assert answers == [False] * 6 + [True]
     plain = StopOnLoop(1, lambda new: "")
-    assert plain(torch.tensor([[0, *([5, 6, 7, 8] * 3)]]), torch.empty(0)).item()
+    assert plain(torch.tensor([[0, *(list(range(10, 18)) * 3)]]), torch.empty(0)).item()  # 8 tokens, 3 times
+    assert not plain(torch.tensor([[0, *([5, 6, 7, 8] * 6)]]), torch.empty(0)).item()  # a table rule "|---|---…"
 
 
 def test_identify_requires_region_inside_image(gc: GeoChat) -> None:

@@ -184,7 +184,8 @@ def test_strip_grounding():
     assert strip_grounding("Africa {<") == "Africa"
     assert strip_grounding("Africa {") == "Africa"
     assert strip_grounding("the <p>runway</p> <p") == "the runway"
-    assert strip_grounding("NDVI < 0.2") == "NDVI < 0.2"  # a comparison is text, not an open tag
+    for text in ("NDVI < 0.2", "NDVI<0.2", "cloud cover <10%", "a<b"):  # comparisons are text, not open tags
+        assert strip_grounding(text) == text
 
 
 # --- grid <-> pixel ------------------------------------------------------------------------------

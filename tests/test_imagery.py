@@ -153,6 +153,12 @@ def test_an_8bit_mask_or_class_map_is_spread_not_shown_black() -> None:
     assert set(np.unique(im.rgb).tolist()) == {0, 255}
     classes = (np.arange(600).reshape(20, 30) % 6).astype(np.uint8)  # codes 0..5
     assert sorted(np.unique(load_image(classes).rgb[..., 0]).tolist()) == [0, 51, 102, 153, 204, 255]
+    one_to_five = (classes % 5 + 1).astype(np.uint8)      # codes 1..5: code 1 is not drawn black like nodata
+    assert load_image(one_to_five).rgb.min() == 51
+    red_only = np.zeros((20, 30, 3), np.uint8)
+    red_only[:10, :, 0] = 1                               # a mask in one channel: the others stay black
+    shown = load_image(red_only).rgb
+    assert (shown[:10, :, 0] == 255).all() and not shown[..., 1:].any() and not shown[10:].any()
     photo = np.full((20, 30, 3), 16, np.uint8)            # past the codes: a (dark) picture keeps its values
     photo[0, 0] = 40
     assert (load_image(photo).rgb == photo).all()
@@ -199,6 +205,10 @@ def test_palette_png_expands_to_colours(tmp_path: Path, fixtures: dict[str, Path
     pil.save(tmp_path / "pal.png")
     im = load_image(tmp_path / "pal.png")
     assert (im.rgb == np.asarray(pil.convert("RGB"))).all()
+    dark = Image.fromarray(np.arange(4, dtype=np.uint8).repeat(8).reshape(4, 8), "P")  # a palette of dark colours
+    dark.putpalette([0, 0, 0, 3, 1, 2, 5, 5, 5, 9, 0, 4] + [0] * 756)
+    dark.save(tmp_path / "dark.png")
+    assert (load_image(tmp_path / "dark.png").rgb == np.asarray(dark.convert("RGB"))).all()  # colours, not codes
 
 
 # --- band selection ----------------------------------------------------------------------------------

@@ -576,7 +576,7 @@ def test_two_cpu_processes_train_the_recipe_and_write_once(tmp_path: Path, data:
 
 
 @pytest.mark.slow
-def test_shipped_default_model_loads_and_answers(tmp_path: Path) -> None:
+def test_shipped_default_model_loads_and_answers(tmp_path: Path, tiny_llm_dir: Path) -> None:
     directory = REPO / "adapters" / "geochat-mini"
     if not (directory / "geochat_config.json").is_file():
         pytest.skip("adapters/geochat-mini is not trained yet")
@@ -599,6 +599,9 @@ def test_shipped_default_model_loads_and_answers(tmp_path: Path) -> None:
     copy = gc.save_pretrained(tmp_path / "copy")
     assert tower_fingerprint(copy / "retrieval") == tower_fingerprint(directory / "retrieval")
     assert load_query_bank(copy / "retrieval") is not None
+    # saving another assistant (without a search tower) there leaves none of this one's behind
+    GeoChat.from_config(tiny_config(tiny_llm_dir)).save_pretrained(copy)
+    assert not (copy / "retrieval").exists()
 
 
 @pytest.mark.slow

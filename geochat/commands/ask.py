@@ -84,14 +84,14 @@ def run(args: argparse.Namespace) -> int:
     from geochat.engine import GeoChat
     from geochat.imagery import load_image
 
-    loaded = load_image(image_path, bands=args.bands, sensor=args.sensor) if image_path else None
-    gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
-    if not args.no_retrieval:
-        gc.retriever = _retriever(args)
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels is not None else None
     if labels == []:
         raise GeoChatError(f"--labels {args.labels!r} names no label: pass comma-separated options, e.g. "
                            "--labels airport,forest,harbour")
+    loaded = load_image(image_path, bands=args.bands, sensor=args.sensor) if image_path else None
+    gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
+    if not args.no_retrieval:
+        gc.retriever = _retriever(args)
     if args.tile:
         if image_path is None or args.region:
             raise GeoChatError("--tile needs an image and does not take --region")

@@ -240,7 +240,7 @@ def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None,
             data, valid = _read_bands(ds, needed, None, out_shape, decimating=scale > 1.0)
             if palette:
                 channels, valid = _palette_channels(ds, data[0], valid)
-                view = compute_stretch(channels, valid, mode=stretch, raw_dtype="uint8")
+                view = compute_stretch(channels, valid, mode=stretch, raw_dtype="uint8", colours=True)
                 rgb = apply_stretch(channels, valid, view)
                 index_facts: dict[str, Any] = {}
             else:

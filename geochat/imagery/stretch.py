@@ -48,11 +48,12 @@ def display_values(band: np.ndarray, decibels: bool) -> np.ndarray:
 
 
 def compute_stretch(channels: list[np.ndarray], valid: np.ndarray, *, mode: str = "auto",
-                    raw_dtype: str = "float32", decibels: bool = False) -> Stretch:
+                    raw_dtype: str = "float32", decibels: bool = False, colours: bool = False) -> Stretch:
     """Limits for three display-unit channels (each (h, w)) from their valid pixels.
 
     `mode="auto"` keeps uint8 data as is (limits 0, 255), except codes (every channel at most
-    `CODED_UINT8_MAX`: a 0/1 mask, a class map), which go from their min and max; otherwise, and for
+    `CODED_UINT8_MAX`: a 0/1 mask, a class map; not `colours`, a palette's), which go from 0 to their
+    highest value; otherwise, and for
     `mode="percentile"`, the limits are the 2nd and 98th percentiles of each channel's valid, finite pixels.
     """
     if mode not in STRETCH_MODES:
@@ -60,10 +61,11 @@ def compute_stretch(channels: list[np.ndarray], valid: np.ndarray, *, mode: str 
     if len(channels) != 3:
         raise ValueError(f"expected 3 channels, got {len(channels)}")
     if mode == "auto" and raw_dtype == "uint8" and not decibels:
-        ranges = [_min_max(ch, valid) for ch in channels]
-        if all(hi <= CODED_UINT8_MAX for _, hi in ranges) and any(hi > lo for lo, hi in ranges):
-            # a mask or class map (0/1, a few codes): shown as is it is black; spread its codes over 0-255
-            return Stretch((ranges[0], ranges[1], ranges[2]), decibels)
+        top = max(_valid_max(ch, valid) for ch in channels)
+        if not colours and 0 < top <= CODED_UINT8_MAX:
+            # a mask or class map (0/1, a few codes): shown as is it is black; one range for all three channels,
+            # from 0, so that 0 stays black and every other code (and the channels' balance) stays apart
+            return Stretch(((0.0, top), (0.0, top), (0.0, top)), decibels)
         return Stretch(((0.0, 255.0), (0.0, 255.0), (0.0, 255.0)), decibels)
     limits: list[tuple[float, float]] = []
     cache: dict[int, tuple[float, float]] = {}
@@ -79,9 +81,9 @@ def compute_stretch(channels: list[np.ndarray], valid: np.ndarray, *, mode: str 
     return Stretch((limits[0], limits[1], limits[2]), decibels)
 
 
-def _min_max(ch: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+def _valid_max(ch: np.ndarray, valid: np.ndarray) -> float:
     vals = ch[valid & np.isfinite(ch)]
-    return (float(vals.min()), float(vals.max())) if vals.size else (0.0, 0.0)
+    return float(vals.max()) if vals.size else 0.0
 
 
 def apply_stretch(channels: list[np.ndarray], valid: np.ndarray, stretch: Stretch) -> np.ndarray:

@@ -331,9 +331,12 @@ def save_assistant(assistant: Assistant, directory: Path) -> Path:
     if config.llm == EMBEDDED_LLM and Path(assistant.llm_source).resolve() != (directory / LLM_DIR).resolve():
         raise ModelLoadError("re-saving an embedded LLM elsewhere is not supported; save from its source")
     search = assistant.directory / RETRIEVAL_DIR if assistant.directory is not None else None
-    if search is not None and search.is_dir() and search.resolve() != (directory / RETRIEVAL_DIR).resolve():
-        shutil.rmtree(directory / RETRIEVAL_DIR, ignore_errors=True)  # the search side goes with the copy
-        shutil.copytree(search, directory / RETRIEVAL_DIR)
+    target = directory / RETRIEVAL_DIR
+    if search is None or search.resolve() != target.resolve():  # the search side goes with the copy (or none)
+        if target.exists():
+            shutil.rmtree(target)  # another model's search tower must not stay beside this one
+        if search is not None and search.is_dir():
+            shutil.copytree(search, target)
     config.save(directory)
     return directory
 

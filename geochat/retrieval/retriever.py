@@ -188,9 +188,7 @@ def ensure_retriever(
     if not IndexStore.exists(location) and not has_docs_dir:
         return None, None
     store = IndexStore.open(location, create=True)
-    if store.being_written():  # another run is indexing here (a second app, `geochat index`): let it finish
-        with store.writing():  # waits for its lock (and says so) instead of failing on its half-written collection
-            pass
+    store.wait_for_writer()  # another run indexing here (a second app, `geochat index`) finishes first
     retriever = Retriever(store, k=k)
     if not has_docs_dir or docs_root is None:
         return retriever, None

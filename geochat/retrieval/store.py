@@ -167,6 +167,18 @@ class IndexStore:
                 self._writing = False
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def wait_for_writer(self) -> None:
+        """Return once no indexing run holds the write lock (at once when none does); read-only access suffices."""
+        if self._writing or self.location.path is None or not (self.location.path / WRITE_LOCK).is_file():
+            return
+        with (self.location.path / WRITE_LOCK).open("r") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("another indexing run is writing %s; waiting for it to finish", self.location)
+                fcntl.flock(f, fcntl.LOCK_SH)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
     def being_written(self) -> bool:
         """Whether another indexing run holds the write lock right now."""
         if self._writing or self.location.path is None or not (self.location.path / WRITE_LOCK).is_file():

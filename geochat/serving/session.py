@@ -70,6 +70,7 @@ class ChatSession:
     region: tuple[float, float, float, float] | None = None
     geojson_path: str | None = None
     status: str = ""                                        # a one-line note under the chat
+    rendering: tuple[str, str] = ("", "")                   # the sensor preset and band text it was opened with
 
 
 class SessionLogic:
@@ -89,7 +90,7 @@ class SessionLogic:
             return ChatSession()
         path = Path(path)
         loaded = open_image(path, self.settings, bands=parse_bands(bands), sensor=sensor or None)
-        session = ChatSession(image_name=path.name, loaded=loaded)
+        session = ChatSession(image_name=path.name, loaded=loaded, rendering=(sensor or "", (bands or "").strip()))
         session.similar = self._similar(loaded)
         return session
 
@@ -172,14 +173,30 @@ class SessionLogic:
 
     def reset(self, session: ChatSession) -> ChatSession:
         """Start over: same image, empty conversation, no boxes or region."""
-        return ChatSession(image_name=session.image_name, loaded=session.loaded, similar=session.similar)
+        return ChatSession(image_name=session.image_name, loaded=session.loaded, similar=session.similar,
+                           rendering=session.rendering)
 
     def ask(self, session: ChatSession, message: str, options: AskOptions) -> Iterator[ChatSession]:
         """Stream one turn: yields the session as text arrives, then once more with the final answer."""
         task, labels, region = self._check(session, message, options)
-        base = [*session.transcript, {"role": "user", "content": _shown_question(message, task, labels, region)}]
+        before = session.transcript
+        base = [*before, {"role": "user", "content": _shown_question(message, task, labels, region)}]
         session.transcript = [*base, {"role": "assistant", "content": "…"}]
-        yield session
+        answered, failed = len(session.answers), False
+        try:
+            yield session
+            yield from self._answer(session, message, options, task, labels, region, base)
+        except GeoChatError:  # the turn ends with its error message in the conversation
+            failed = True
+            raise
+        finally:
+            if not failed and len(session.answers) == answered:
+                # stopped while streaming (another image, Start over): the half-shown turn was never asked
+                session.transcript = before
+
+    def _answer(self, session: ChatSession, message: str, options: AskOptions, task: Task, labels: list[str] | None,
+                region: tuple[float, float, float, float] | None, base: list[Message]) -> Iterator[ChatSession]:
+        """`ask`'s streaming part: the model's text as it arrives, then the finished turn."""
         stream = self.gc.stream(
             session.loaded, message, history=[a.as_turn() for a in session.answers], task=task,
             cot=options.cot, region=region, labels=labels,
@@ -208,7 +225,7 @@ class SessionLogic:
         if answer.boxes:
             text += f"\n\n*{len(answer.boxes)} box{'es' if len(answer.boxes) != 1 else ''} drawn on the image.*"
         elif task in (Task.REFER, Task.GROUNDING):
-            text += "\n\n*No boxes in this answer: the model did not locate anything on the image.*"
+            text += "\n\n*No boxes on the image in this answer.*"
         if answer.cut_short:
             text += "\n\n*The answer reached the length limit and was cut short.*"
         session.transcript = [*base, *_assistant_messages(answer.reasoning, text, done=True)]

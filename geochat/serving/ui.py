@@ -127,7 +127,8 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
                 gr.Warning(str(exc))
                 previous.status = f"⚠️ Could not open the image: {exc}"
                 return [*shown(previous), gr.skip(), gr.skip()]
-            if previous.transcript and session.image_name == previous.image_name:
+            same_image = session.image_name == previous.image_name
+            if previous.transcript and same_image and session.rendering != previous.rendering:
                 session.status = "Bands changed: a new conversation starts (the earlier answers saw other bands)."
             text = info_markdown(session.loaded) if session.loaded is not None else "*No image yet.*"
             gallery = gr.Gallery(value=session.similar or None, visible=bool(session.similar))
@@ -171,7 +172,8 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
         image.select(on_pick, [state], common, trigger_mode="always_last")  # a fast second click queues
 
         def on_region_typed(session: ChatSession, *values: float | None) -> list[Any]:
-            return shown(logic.set_region(session, values))
+            # the typed numbers are left as they are (writing the kept region back would wipe a half-typed one)
+            return [*shown(logic.set_region(session, values))[: -len(corners)], *[gr.skip()] * len(corners)]
 
         for box in corners:
             box.input(on_region_typed, [state, *corners], common)
