@@ -44,6 +44,7 @@ from geochat.grounding import (
     box_to_pixel_polygon,
     clip_to_frame,
     grid_to_pixel,
+    merge_boxes,
     parse_boxes,
     pixel_box_to_grid,
     rotated_iou,
@@ -502,16 +503,17 @@ class GeoChat:
             return [], None
         info = loaded.info
         w, h = info.width, info.height
-        results, polygons, kept, seen = [], [], [], set()
-        for box in boxes:
+        # one box per object and phrase: a box over much the same ground as a larger one (IoU >= 0.5), such as
+        # the same box said twice or walked a step at a time, is dropped, as detectors' NMS does
+        distinct = {id(b) for _, b in merge_boxes([(b.phrase, b) for b in boxes])}
+        results, polygons, kept = [], [], []
+        for box in (b for b in boxes if id(b) in distinct):
             # the model sees a square with the image centred in it: a box in the padding is off the image (and
             # a latitude past 90°), one that runs into it is cut at the image's edge
             # (`pixel` of a turned box stays the model's rectangle; its polygon and GeoJSON are cut)
             polygon = clip_to_frame(box_to_pixel_polygon(box, w, h), w, h)
-            key = (box.phrase, box.x1, box.y1, box.x2, box.y2, box.theta)
-            if not polygon or key in seen:  # off the image (all but a sliver), or said twice
+            if not polygon:  # off the image, or all but a sliver of it
                 continue
-            seen.add(key)
             (x1, y1), (x2, y2) = grid_to_pixel([(box.x1, box.y1), (box.x2, box.y2)], w, h)
             if box.theta == 0:
                 x1, x2 = sorted(min(max(v, 0.0), float(w)) for v in (x1, x2))

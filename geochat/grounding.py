@@ -336,6 +336,18 @@ def rotated_iou(a: Box, b: Box) -> float:
     return max(0.0, min(1.0, inter / union)) if union > 0 else 0.0
 
 
+MERGE_IOU = 0.5
+
+
+def merge_boxes(boxes: Sequence[tuple[str | None, Box]], iou_threshold: float = MERGE_IOU) -> list[tuple[str | None, Box]]:
+    """Greedy NMS per phrase: larger boxes first; drop a box that overlaps a kept one above the threshold."""
+    kept: list[tuple[str | None, Box]] = []
+    for phrase, box in sorted(boxes, key=lambda pb: -(pb[1].x2 - pb[1].x1) * (pb[1].y2 - pb[1].y1)):
+        if all(p != phrase or rotated_iou(box, k) < iou_threshold for p, k in kept):
+            kept.append((phrase, box))
+    return kept
+
+
 def polygon_to_rotated_box(points4: Sequence[Point]) -> tuple[float, float, float, float, float]:
     """A DOTA quadrilateral (4 corners, any order around the shape) → ``(x1, y1, x2, y2, θ)``.
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from geochat.answer import Answer, BoxResult, Timings
 from geochat.errors import GeoChatError
-from geochat.grounding import Box, rotated_iou
+from geochat.grounding import Box, merge_boxes
 from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson, read_window
 
 if TYPE_CHECKING:
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 128
-MERGE_IOU = 0.5
 
 
 @dataclass(frozen=True)
@@ -49,15 +48,6 @@ def plan_tiles(width: int, height: int, tile: int = DEFAULT_TILE, overlap: int =
         return [*positions, size - tile]  # the last tile sits flush with the edge
 
     return [Tile(c, r, min(tile, width - c), min(tile, height - r)) for r in starts(height) for c in starts(width)]
-
-
-def merge_boxes(boxes: Sequence[tuple[str | None, Box]], iou_threshold: float = MERGE_IOU) -> list[tuple[str | None, Box]]:
-    """Greedy NMS per phrase: larger boxes first; drop a box that overlaps a kept one above the threshold."""
-    kept: list[tuple[str | None, Box]] = []
-    for phrase, box in sorted(boxes, key=lambda pb: -(pb[1].x2 - pb[1].x1) * (pb[1].y2 - pb[1].y1)):
-        if all(p != phrase or rotated_iou(box, k) < iou_threshold for p, k in kept):
-            kept.append((phrase, box))
-    return kept
 
 
 def chat_tiled(

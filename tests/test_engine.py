@@ -121,10 +121,11 @@ def test_boxes_off_the_image_are_dropped_and_boxes_across_its_edge_are_cut(gc: G
     assert only_off == [] and none is None
     sliver, _ = gc._georeference(parse_boxes(format_grounded([("sliver", [Box(10, 0, 40, 25.5)])])), loaded)
     assert sliver == []  # all but 2 % of it in the padding
-    # two boxes that reach past the same edge differently are two boxes, not one said twice
-    two, _ = gc._georeference(parse_boxes(format_grounded([("x", [Box(10, 10, 40, 45)]), ("x", [Box(10, 20, 40, 45)])])),
-                              loaded)
-    assert len(two) == 2 and two[0].pixel == two[1].pixel
+    # one box per object: a box walked a step at a time is kept once (the largest), apart objects all stay,
+    # and the same ground under another phrase is another answer
+    walked = [Box(20, 30, 50, 60), Box(21, 31, 51, 61), Box(22, 31, 51, 62), Box(60, 30, 80, 50)]
+    kept, _ = gc._georeference(parse_boxes(format_grounded([("tank", walked), ("pier", [Box(20, 30, 50, 60)])])), loaded)
+    assert [(b.phrase, b.pixel[0]) for b in kept] == [("tank", 120.0), ("tank", 360.0), ("pier", 120.0)]
 
 
 def test_a_looping_generation_is_stopped() -> None:
