@@ -169,24 +169,26 @@ class IndexStore:
 
     def wait_for_writer(self) -> None:
         """Return once no indexing run holds the write lock (at once when none does); read-only access suffices."""
+        self._writer_present(wait=True)
+
+    def being_written(self) -> bool:
+        """Whether another indexing run holds the write lock right now."""
+        return self._writer_present(wait=False)
+
+    def _writer_present(self, wait: bool) -> bool:
+        """Whether another indexing run holds the write lock (with `wait`: after waiting for it to finish). A shared
+        lock on the lock file, opened for reading: a read-only index volume is fine."""
         if self._writing or self.location.path is None or not (self.location.path / WRITE_LOCK).is_file():
-            return
+            return False
         with (self.location.path / WRITE_LOCK).open("r") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    return True
                 log.warning("another indexing run is writing %s; waiting for it to finish", self.location)
                 fcntl.flock(f, fcntl.LOCK_SH)
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-    def being_written(self) -> bool:
-        """Whether another indexing run holds the write lock right now."""
-        if self._writing or self.location.path is None or not (self.location.path / WRITE_LOCK).is_file():
-            return False
-        with (self.location.path / WRITE_LOCK).open("r") as f:  # a read-only index volume is fine
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.flock(f, fcntl.LOCK_UN)
                 return True
             fcntl.flock(f, fcntl.LOCK_UN)
             return False
