@@ -127,6 +127,32 @@ def test_bearer_token_is_enforced(server: str, client: OpenAI, geotiffs: dict[st
     assert [m.id for m in client.models.list().data] == [client.models.list().data[0].id]
 
 
+def test_the_token_also_guards_the_page_and_gradios_own_endpoints(server: str) -> None:
+    # Gradio's event endpoints run the model too (gradio_client calls them): with a token they need a login
+    for path in ("/config", "/gradio_api/info"):
+        assert httpx.get(server + path).status_code == 401, path
+    assert httpx.post(f"{server}/gradio_api/queue/join", json={}).status_code == 401
+    assert "token" in httpx.get(server + "/").text  # the login page says what to type
+    with httpx.Client(base_url=server) as browser:
+        assert browser.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        assert browser.get("/config").status_code == 401
+        assert browser.post("/login", data={"username": "anyone", "password": TOKEN}).status_code == 200
+        assert browser.get("/config").status_code == 200
+        assert browser.get("/gradio_api/info").status_code == 200
+    from gradio_client import Client
+
+    with pytest.raises(ValueError, match="Could not login"):
+        Client(server, auth=("me", "wrong"), verbose=False)
+    assert Client(server, auth=("me", TOKEN), verbose=False).view_api(print_info=False, return_format="dict")
+
+
+def test_without_a_token_the_page_is_open(gc: GeoChat, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(gc, ServingSettings(), download_dir=tmp_path)) as open_app:
+        assert open_app.get("/config").status_code == 200
+
+
 # -- chat completions ---------------------------------------------------------------------------
 
 def test_openai_client_non_stream_matches_engine(client: OpenAI, gc: GeoChat, geotiffs: dict[str, Path]) -> None:

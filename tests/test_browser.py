@@ -1,4 +1,5 @@
-"""The real app in headless Chromium: upload a GeoTIFF, ask a [refer] question, watch the answer stream.
+"""The real app in headless Chromium: log in with the API token, upload a GeoTIFF, ask a [refer] question,
+watch the answer stream.
 
 Starts `app.py` as a subprocess (tiny model saved to a temporary directory, a free loopback port)
 and drives Debian's `/usr/bin/chromium` through Playwright; no browser is downloaded. Screenshots go
@@ -28,6 +29,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 STARTUP_S = 120
+TOKEN = "browser-test-token"
 # Where the picture is drawn inside the <img> element (it is letterboxed with object-fit: contain).
 SHOWN_IMAGE_RECT = """() => {
   const img = document.querySelector('#image-view img');
@@ -64,7 +66,7 @@ def app_url(tiny_llm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--model", str(model_dir), "--port", str(port), "--max-new-tokens", "16",
-         "--no-retrieval"],
+         "--no-retrieval", "--api-token", TOKEN],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -95,11 +97,25 @@ def browser() -> Iterator[object]:
         b.close()
 
 
+def log_in(page: object, url: str) -> None:
+    """A server with an API token shows Gradio's login page first; the token is the password."""
+    page.goto(url)  # type: ignore[attr-defined]
+    page.get_by_label("password").fill("not the token")  # type: ignore[attr-defined]
+    page.get_by_label("username").fill("analyst")  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Login").click()  # type: ignore[attr-defined]
+    page.get_by_text("Incorrect Credentials").wait_for()  # type: ignore[attr-defined]
+    assert page.locator("#upload").count() == 0  # type: ignore[attr-defined]
+    page.get_by_label("username").fill("analyst")  # type: ignore[attr-defined]  # a failed login empties it
+    page.get_by_label("password").fill(TOKEN)  # type: ignore[attr-defined]
+    page.get_by_role("button", name="Login").click()  # type: ignore[attr-defined]
+    page.wait_for_selector("#upload input[type=file]", state="attached")  # type: ignore[attr-defined]
+
+
 def test_upload_refer_stream_and_region(app_url: str, browser: object, geotiffs: dict[str, Path]) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1200})  # type: ignore[attr-defined]
     page.set_default_timeout(60_000)
-    page.goto(app_url)
+    log_in(page, app_url)
     page.locator("#upload input[type=file]").set_input_files(str(geotiffs["rect_600x300_utm.tif"]))
     page.wait_for_selector("#image-view img")
     info = page.locator("#image-info")
@@ -134,7 +150,7 @@ def test_upload_refer_stream_and_region(app_url: str, browser: object, geotiffs:
     # A second tab is a second session: its own image and an empty conversation.
     other = browser.new_page(viewport={"width": 1400, "height": 1000})  # type: ignore[attr-defined]
     other.set_default_timeout(60_000)
-    other.goto(app_url)
+    log_in(other, app_url)
     other.locator("#upload input[type=file]").set_input_files(str(geotiffs["s2_13band_uint16_utm33.tif"]))
     other.wait_for_function("() => document.querySelector('#image-info').innerText.includes('13 bands')")
     other.get_by_text("Bands (multispectral images)").click()

@@ -4,13 +4,16 @@
     uvicorn.run(app, host="127.0.0.1", port=7860)
 
 `create_app` puts the API routes (`/v1/...`, `/health`, `/docs`) on a FastAPI app and mounts the
-Gradio page at `/` next to them. Only this package imports Gradio and FastAPI; the engine below
+Gradio page at `/` next to them. With an API token the page asks for it as its password (Gradio's login),
+which also closes Gradio's own event endpoints (`gradio_client` can call them to run the model). Only this package imports Gradio and FastAPI; the engine below
 knows neither.
 """
 
 from __future__ import annotations
 
+import secrets
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,4 +44,21 @@ def create_app(gc: GeoChat, settings: ServingSettings, download_dir: Path | None
     return gr.mount_gradio_app(
         app, demo, path="/", theme=theme(), css=CSS, allowed_paths=allowed,
         max_file_size=settings.max_upload_bytes, footer_links=["gradio", "settings"], ssr_mode=False,
+        auth=token_login(settings.api_token), auth_message=LOGIN_MESSAGE if settings.api_token else None,
     )
+
+
+LOGIN_MESSAGE = "This server needs its API token: type it as the password (any user name)."
+
+
+def token_login(token: str | None) -> Callable[[str, str], bool] | None:
+    """Gradio's login check for a server with an API token (any user name, the token as password); None
+    leaves the page open, as the API is without a token."""
+    if token is None:
+        return None
+    expected = token.encode()
+
+    def check(username: str, password: str) -> bool:
+        return secrets.compare_digest(password.strip().encode(), expected)
+
+    return check
