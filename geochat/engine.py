@@ -145,6 +145,11 @@ class StopOnLoop(StoppingCriteria):
     def __init__(self, prompt_length: int, decode: Callable[[list[int]], str], repeats: int = 3) -> None:
         self.prompt_length, self.decode, self.repeats = prompt_length, decode, repeats
         self._closed = 0  # closing braces seen so far: the boxes are checked again when one more is complete
+        self.period: int | None = None  # the repeated block's length, once a repeating text stopped the answer
+
+    def trim(self, new: list[int]) -> list[int]:
+        """`new` without the block's repeats when a repeating text stopped it (the answer keeps one copy)."""
+        return new[: len(new) - (self.repeats - 1) * self.period] if self.period else new
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         if input_ids.shape[0] != 1:
@@ -152,6 +157,7 @@ class StopOnLoop(StoppingCriteria):
         new = input_ids[0, self.prompt_length:].tolist()
         period = next((n for n in range(1, 49) if looped(new, n, self.repeats)), None)  # the shortest repeating block
         looping = period is not None and period >= 8
+        self.period = period if looping else None
         text = self.decode(new) if new and not looping else ""
         if text.count("}") > self._closed:
             self._closed = text.count("}")
@@ -473,6 +479,7 @@ class GeoChat:
         # `generate` grows the cache in place: until it succeeds the session holds none, so a failure
         # cannot leave keys and values that no longer match `cached_ids`
         session.cache, session.cached_ids = None, None
+        loop = StopOnLoop(len(ids), lambda new: str(a.tokenizer.decode(new)))
         out = a.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -483,13 +490,13 @@ class GeoChat:
             suppress_tokens=[a.image_token_id],
             pad_token_id=a.pad_token_id,
             prefix_allowed_tokens_fn=allowed,
-            stopping_criteria=StoppingCriteriaList([StopOnLoop(len(ids), lambda new: str(a.tokenizer.decode(new)))]),
+            stopping_criteria=StoppingCriteriaList([loop]),
             **kwargs,
         )
         sequence = out[0].tolist()
         session.cache = cache
         session.cached_ids = sequence[: cache.get_seq_length()]
-        new = sequence[len(ids):]
+        new = loop.trim(sequence[len(ids):])
         eos = a.model.generation_config.eos_token_id
         ends = set(eos if isinstance(eos, list) else [eos]) | {a.tokenizer.eos_token_id}
         streamer.cut_short = len(new) >= max_new_tokens and new[-1] not in ends

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -146,6 +147,26 @@ def test_a_looping_generation_is_stopped() -> None:
     plain = StopOnLoop(1, lambda new: "")
     assert plain(torch.tensor([[0, *(list(range(10, 18)) * 3)]]), torch.empty(0)).item()  # 8 tokens, 3 times
     assert not plain(torch.tensor([[0, *([5, 6, 7, 8] * 6)]]), torch.empty(0)).item()  # a table rule "|---|---…"
+
+
+def test_an_answer_stopped_for_repeating_itself_keeps_one_copy(gc: GeoChat, monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = gc.assistant.tokenizer
+    sentence = tok(" A large ship is moored in the busy port near the shore.", add_special_tokens=False)["input_ids"]
+    assert len(sentence) >= 8
+    script = tok("The scene:", add_special_tokens=False)["input_ids"] + sentence * 6
+
+    def generate(input_ids: torch.Tensor, stopping_criteria: Any, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        out = input_ids  # as `generate` does: one token at a time until a criterion says stop
+        for t in script[:max_new_tokens]:
+            out = torch.cat([out, torch.tensor([[t]])], dim=1)
+            if stopping_criteria(out, torch.empty(0)).all():
+                break
+        return out
+
+    monkeypatch.setattr(gc.assistant.model, "generate", generate)
+    answer = gc.chat(_image(), "describe the port", max_new_tokens=len(script))
+    assert answer.answer == "The scene: A large ship is moored in the busy port near the shore."
+    assert not answer.cut_short
 
 
 def test_identify_requires_region_inside_image(gc: GeoChat) -> None:
