@@ -336,6 +336,16 @@ def rotated_iou(a: Box, b: Box) -> float:
     return max(0.0, min(1.0, inter / union)) if union > 0 else 0.0
 
 
+def covered_fraction(a: Box, b: Box) -> float:
+    """The share of the smaller of two rotated rectangles that the other covers (0 when either is degenerate)."""
+    pa, pb = a.corners(), b.corners()
+    smaller = min(abs(_signed_area(pa)), abs(_signed_area(pb)))
+    if smaller == 0.0:
+        return 0.0
+    inter_poly = _clip_convex(pa, pb)
+    return min(1.0, abs(_signed_area(inter_poly)) / smaller) if len(inter_poly) >= 3 else 0.0
+
+
 MERGE_IOU = 0.5
 
 

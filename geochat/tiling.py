@@ -4,7 +4,9 @@ A 20,000 × 20,000 scene shrunk to the model's 224 px input loses every car and 
 `chat_tiled` cuts the raster into overlapping windows (read one at a time with `read_window`, never
 the whole raster), asks the same question of each tile, maps each tile's boxes back to raster pixels
 (a uniform scale plus an offset, so rotations survive), and merges boxes that overlapping tiles both
-found with greedy non-maximum suppression on rotated IoU, per phrase. The overview's stretch is
+found with greedy non-maximum suppression on rotated IoU, per phrase. An object that crosses a seam comes
+back from each tile cut at that tile's edge: such pieces are joined first (`join_cut_boxes`), so that it is
+one box, not a whole box and a sliver beside it or two halves. The overview's stretch is
 reused for every tile so that all tiles look alike to the model.
 """
 
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from geochat.answer import Answer, BoxResult, Timings
 from geochat.errors import GeoChatError
-from geochat.grounding import Box, merge_boxes
+from geochat.grounding import Box, covered_fraction, merge_boxes
 from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson, read_window
 
 if TYPE_CHECKING:
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 128
+EDGE_MARGIN = 0.015  # a box within this fraction of the tile's side from an inner edge is cut there (grid step 1 %)
+JOIN_COVERED = 0.5   # cut pieces join when their overlap is at least this share of the smaller one
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,65 @@ def plan_tiles(width: int, height: int, tile: int = DEFAULT_TILE, overlap: int =
     return [Tile(c, r, min(tile, width - c), min(tile, height - r)) for r in starts(height) for c in starts(width)]
 
 
+def cut_edges(box: Box, tile: Tile, width: int, height: int) -> bool:
+    """Whether `box` (raster pixels) reaches an edge of `tile` that lies inside the raster: the object may go on
+    in the neighbouring tile."""
+    x1, y1, x2, y2 = _extent(box)
+    margin = EDGE_MARGIN * max(tile.width, tile.height)
+    return ((tile.col > 0 and x1 <= tile.col + margin)
+            or (tile.col + tile.width < width and x2 >= tile.col + tile.width - margin)
+            or (tile.row > 0 and y1 <= tile.row + margin)
+            or (tile.row + tile.height < height and y2 >= tile.row + tile.height - margin))
+
+
+def join_cut_boxes(pieces: Sequence[tuple[str | None, Box, int, bool]]) -> list[tuple[str | None, Box]]:
+    """(phrase, raster box, tile number, cut at an inner tile edge) → boxes with the pieces of one object joined.
+
+    Two boxes of one phrase from different tiles, at least one of them cut, whose overlap is at least half of
+    the smaller one are one object seen twice; pieces linked that way (a large object over the corner of four
+    tiles: four pieces) become the rectangle around them all, or the largest piece when one is rotated (the
+    hull of turned rectangles is not one).
+    """
+    parent = list(range(len(pieces)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    extents = [_extent(box) for _, box, _, _ in pieces]
+    for i, (phrase, a, tile, cut) in enumerate(pieces):
+        if not cut:  # a pair needs a cut piece: look from those only
+            continue
+        for j, (other_phrase, b, other_tile, _) in enumerate(pieces):
+            if (j != i and other_phrase == phrase and other_tile != tile and _touch(extents[i], extents[j])
+                    and covered_fraction(a, b) >= JOIN_COVERED):
+                parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(root(i), []).append(i)
+    out = []
+    for members in groups.values():
+        boxes = [pieces[i][1] for i in members]
+        if len(boxes) == 1 or any(b.theta for b in boxes):
+            box = max(boxes, key=lambda b: (b.x2 - b.x1) * (b.y2 - b.y1))
+        else:
+            box = Box(min(b.x1 for b in boxes), min(b.y1 for b in boxes), max(b.x2 for b in boxes),
+                      max(b.y2 for b in boxes))
+        out.append((pieces[members[0]][0], box))
+    return out
+
+
+def _extent(box: Box) -> tuple[float, float, float, float]:
+    xs, ys = zip(*box.corners(), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def _touch(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+
 def chat_tiled(
     gc: GeoChat,
     source: str | Path,
@@ -69,10 +132,10 @@ def chat_tiled(
     if overview is None:  # the caller may already hold it (the CLI draws the boxes on it)
         overview = load_image(source, bands=bands, sensor=sensor)
     info = overview.info
-    found: list[tuple[str | None, Box]] = []
+    found: list[tuple[str | None, Box, int, bool]] = []
     texts: list[str] = []
     encode = ttft = total = 0.0
-    for t in plan_tiles(info.width, info.height, tile, overlap):
+    for n, t in enumerate(plan_tiles(info.width, info.height, tile, overlap)):
         rgb = read_window(source, (t.col, t.row, t.width, t.height), bands, out_size=min(tile, DEFAULT_TILE),
                           sensor=sensor, stretch=overview.stretch)
         answer = gc.chat(rgb, message, task=task, **chat_kwargs)
@@ -82,9 +145,9 @@ def chat_tiled(
         scale = t.width / rgb.shape[1]  # tile-array pixels → raster pixels
         for result in answer.boxes:
             x1, y1, x2, y2, theta = result.pixel
-            found.append((result.phrase, Box(t.col + x1 * scale, t.row + y1 * scale, t.col + x2 * scale,
-                                        t.row + y2 * scale, theta)))
-    merged = merge_boxes(found)
+            box = Box(t.col + x1 * scale, t.row + y1 * scale, t.col + x2 * scale, t.row + y2 * scale, theta)
+            found.append((result.phrase, box, n, cut_edges(box, t, info.width, info.height)))
+    merged = merge_boxes(join_cut_boxes(found))
     polygons = [b.corners() for _, b in merged]
     results = []
     for (phrase, b), polygon in zip(merged, polygons, strict=True):

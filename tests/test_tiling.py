@@ -10,7 +10,7 @@ from geochat import GeoChat
 from geochat.answer import Answer
 from geochat.grounding import Box
 from geochat.imagery import load_image, pixel_to_lonlat
-from geochat.tiling import merge_boxes, plan_tiles
+from geochat.tiling import cut_edges, join_cut_boxes, merge_boxes, plan_tiles
 from tests.tiny import tiny_config
 
 
@@ -64,3 +64,42 @@ def test_tile_boxes_land_in_raster_and_map_coordinates(tiny_llm_dir: Path, geoti
     corner = pixel_to_lonlat(info, [(first.pixel[0], first.pixel[1])])
     assert corner is not None and first.polygon_lonlat[0] == pytest.approx(corner[0])
     assert answer.geojson is not None and len(answer.geojson["features"]) == len(tiles)
+
+
+def test_pieces_of_an_object_cut_by_tile_edges_are_joined() -> None:
+    tiles = plan_tiles(600, 300, 256, 32)
+    left, middle = tiles[0], tiles[1]  # columns 0-256 and 224-480
+    assert cut_edges(Box(200, 100, 256, 140), left, 600, 300) and cut_edges(Box(224, 100, 300, 140), middle, 600, 300)
+    assert not cut_edges(Box(0, 0, 40, 40), left, 600, 300)  # the raster's own border is no cut
+    pieces = [("tank", Box(200, 100, 256, 140), 0, True), ("tank", Box(224, 100, 300, 140), 1, True),
+              ("tank", Box(230, 180, 250, 200), 0, True), ("tank", Box(226, 180, 250, 200), 1, False),  # whole in 1
+              ("tank", Box(224, 10, 236, 20), 1, True),  # beside a cut piece of the same tile: two objects
+              ("tank", Box(200, 10, 230, 20), 1, True), ("ship", Box(240, 100, 300, 140), 1, True)]
+    joined = sorted(join_cut_boxes(pieces), key=lambda pb: (pb[0] or "", pb[1].y1, pb[1].x1))
+    assert joined == [("ship", Box(240, 100, 300, 140)), ("tank", Box(200, 10, 230, 20)), ("tank", Box(224, 10, 236, 20)),
+                      ("tank", Box(200, 100, 300, 140)), ("tank", Box(226, 180, 250, 200))]
+
+
+def test_an_object_across_a_seam_is_one_box(tiny_llm_dir: Path, geotiffs: dict[str, Path],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tile reports what it sees of two tanks: one across the seam of the first two columns, one inside."""
+    from geochat.answer import BoxResult
+
+    gc = GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=4)
+    real_chat = gc.chat
+    tiles = iter(plan_tiles(600, 300, 256, 32))
+    tanks = [(200, 100, 300, 140), (40, 40, 80, 90)]
+
+    def chat_seeing_the_tanks(image, message, **kwargs):  # type: ignore[no-untyped-def]
+        answer: Answer = real_chat(image, message, **kwargs)
+        t = next(tiles)  # tiles are asked in the planned order, at full resolution here
+        seen = []
+        for x1, y1, x2, y2 in tanks:
+            a, b, c, d = max(x1, t.col), max(y1, t.row), min(x2, t.col + t.width), min(y2, t.row + t.height)
+            if a < c and b < d:
+                seen.append(BoxResult("tank", (a - t.col, b - t.row, c - t.col, d - t.row, 0.0), None))
+        return Answer(**{**answer.__dict__, "boxes": seen})
+
+    monkeypatch.setattr(gc, "chat", chat_seeing_the_tanks)
+    answer = gc.chat_tiled(geotiffs["rect_600x300_utm.tif"], "tank", tile=256, overlap=32)
+    assert sorted(tuple(round(v) for v in b.pixel[:4]) for b in answer.boxes) == sorted(tanks)
