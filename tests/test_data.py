@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +183,30 @@ def test_denser_tiles_give_more_grounding_samples(sources: dict[str, Path], tmp_
     assert {s["id"].split("-")[0] for s in dense} == {"dota", "spacenet"}
     assert main(["data", "build-instruct", "--dota", str(sources["dota"]), "--out", str(tmp_path / "x.json"),
                  "--tile-stride", "3"]) == 2
+
+
+def test_build_vqa_writes_presence_questions_that_eval_vqa_reads(sources: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from geochat.data.instruct import PRESENCE
+    from geochat.eval.annotations import read_annotations
+
+    out = tmp_path / "sub" / "vqa.jsonl"
+    assert main(["data", "build-vqa", "--rsicd", str(sources["rsicd"]), "--split", "train", "--out", str(out)]) == 0
+    assert "3 questions written" in capsys.readouterr().err
+    captions = {json.loads(line)["image"]: json.loads(line)["captions"]
+                for line in (sources["rsicd"] / "annotations.jsonl").read_text().splitlines()}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3  # one an image of the split
+    for row in rows:
+        image = (out.parent / row["image"]).resolve()
+        assert image.is_file()
+        obj = next(o for o in PRESENCE if f" {o} in this image?" in row["question"])
+        mentioned = any(re.search(PRESENCE[obj], c.lower()) for c in captions[f"images/{image.name}"])
+        assert row["answer"] == ("yes" if mentioned else "no") and row["type"] == f"presence ({row['answer']})"
+    parsed = read_annotations(out)
+    assert [r.answer for r in parsed] == [r["answer"] for r in rows] and all(r.image.is_file() for r in parsed)
+    assert main(["data", "build-vqa", "--rsicd", str(sources["rsicd"]), "--split", "val", "--out", str(out)]) == 2
+    assert "no images in the split 'val'" in capsys.readouterr().err
 
 
 def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

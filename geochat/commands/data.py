@@ -1,4 +1,5 @@
-"""`geochat data build-instruct`: LLaVA-format instruction data from the real annotations."""
+"""`geochat data build-instruct`: LLaVA-format instruction data from the real annotations.
+`geochat data build-vqa`: an `eval vqa` file of yes/no presence questions from RSICD's captions."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def register(subparsers: Any) -> None:
                    help="DOTA/SpaceNet tile step as a fraction of the tile (default 0.75 / 1.0; 0.25 = 16x the tiles)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
+    v = sub.add_parser("build-vqa", help="write an eval vqa file: a yes/no presence question an RSICD image")
+    v.add_argument("--rsicd", type=Path, required=True, help="RSICD directory (annotations.jsonl + images/)")
+    v.add_argument("--out", type=Path, required=True, help="output JSONL (images are written relative to it)")
+    v.add_argument("--split", default="test", help="RSICD split to use (default: test)")
+    v.add_argument("--limit", type=int, help="use only N images (a seeded random subset)")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=run_vqa)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,4 +55,20 @@ def run(args: argparse.Namespace) -> int:
     total = sum(counts.values())
     print(f"{total} conversations written to {args.out} ({', '.join(f'{k}: {v}' for k, v in counts.items())})",
           file=sys.stderr)
+    return 0
+
+
+def run_vqa(args: argparse.Namespace) -> int:
+    from geochat.data.instruct import build_presence_vqa
+
+    if not args.rsicd.exists():
+        raise GeoChatError(f"not found: {args.rsicd}")
+    if args.limit is not None and args.limit < 1:
+        raise GeoChatError(f"--limit must be at least 1, got {args.limit}")
+    try:
+        counts = build_presence_vqa(args.out, args.rsicd, args.split, args.seed, args.limit)
+    except ValueError as exc:
+        raise GeoChatError(str(exc)) from exc
+    print(f"{sum(counts.values())} questions written to {args.out} (yes: {counts['yes']}, no: {counts['no']}); "
+          f"score them with: geochat eval vqa --annotations {args.out}", file=sys.stderr)
     return 0

@@ -293,6 +293,33 @@ def build_instruct(out: Path, rsicd: Path | None = None, dota: Path | None = Non
     return counts
 
 
+def build_presence_vqa(out: Path, rsicd: Path, split: str = "test", seed: int = 0, limit: int | None = None) -> dict[str, int]:
+    """Write an `eval vqa` file of RSICD yes/no presence questions (one an image, as the yesno samples are made)
+    to `out`, images relative to it; returns the counts of "yes" and "no" answers.
+
+    A row is ``{"image", "question", "answer": "yes"|"no", "type": "presence (yes)"|"presence (no)"}``. "No"
+    means that none of the image's five captions mentions the object, which is weaker evidence than a "yes".
+    """
+    out_dir = out.parent.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = load_rsicd(rsicd, split)
+    if not items:
+        raise ValueError(f"{rsicd} has no images in the split {split!r}")
+    rng = random.Random(seed)
+    items = rng.sample(items, limit) if limit and limit < len(items) else items
+    rows, counts = [], {"yes": 0, "no": 0}
+    for item in items:
+        question = presence_question(item.captions, rng)
+        if question is None:
+            continue
+        answer = question[1].rstrip(".").lower()
+        counts[answer] += 1
+        rows.append({"image": os.path.relpath(item.image, out_dir), "question": question[0], "answer": answer,
+                     "type": f"presence ({answer})"})
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return counts
+
+
 def sample_kind(sample_id: str) -> str:
     """The kind of a sample from its id (`rsicd-00001-brief`, `dota-P1-0-0-refer-ship`, ...)."""
     parts = sample_id.split("-")
