@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 import geochat.commands
-from geochat.errors import GeoChatError
+from geochat.errors import BandSelectionError, GeoChatError
 
 EXIT_USAGE = 2
 
@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _quiet_libraries()
     try:
         return int(args.func(args) or 0)
+    except BandSelectionError as exc:  # the library's wording fits the app and the API too; here: the flag
+        print(f"geochat: error: {exc} (pass the bands with --bands)", file=sys.stderr)
+        return EXIT_USAGE
     except GeoChatError as exc:
         print(f"geochat: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -71,7 +71,7 @@ def test_caption_needs_no_question(capsys: pytest.CaptureFixture[str], model_dir
     [
         (["/no/such/file.tif", "q"], "image not found"),
         (["{corrupt}", "q"], "corrupt.tif"),
-        (["{s2}", "q", "--bands", "4,3,99"], "band 99"),
+        (["{s2}", "q", "--bands", "4,3,99"], "band 99 does not exist: the raster has 13 bands (1-13); choose three of them, e.g. 3,2,1 (pass the bands with --bands)"),
         (["{s2}", "q", "--model", "/no/such/model"], "not a geochat assistant directory"),
         (["{s2}", "q", "--task", "identify"], "needs a region"),
         (["only-one-arg"], "pass an image and a question"),

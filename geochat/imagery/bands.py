@@ -239,7 +239,7 @@ def _preset_roles(preset_name: str, count: int) -> tuple[SensorPreset, dict[str,
         counts = " or ".join(str(c) for c in preset.band_counts)
         raise BandSelectionError(
             f"sensor preset {preset.name!r} expects {counts} bands but the raster has {count}; "
-            f"pass --bands with the band numbers instead, e.g. --bands {_example(count)}"
+            f"choose the bands by number instead, e.g. {_example(count)}"
         )
     roles = {b.role: i for i, b in enumerate(layout, start=1) if b.role}
     return preset, roles
@@ -268,8 +268,8 @@ def _parse_user_bands(bands: Sequence[int] | str, count: int, descriptions: Sequ
     if len(indices) != 3:
         got = ",".join(str(t) for t in tokens) or "nothing"
         raise BandSelectionError(
-            f"--bands needs one band (grey) or three (red,green,blue); got {len(indices)}: {got}. "
-            f"The raster has {_range_text(count)}; e.g. --bands {_example(count)}"
+            f"a band choice needs one band (grey) or three (red,green,blue); got {len(indices)}: {got}. "
+            f"The raster has {_range_text(count)}; e.g. {_example(count)}"
         )
     return (indices[0], indices[1], indices[2])
 
@@ -278,15 +278,15 @@ def _resolve_band(tok: int | str, count: int, descriptions: Sequence[str | None]
     if isinstance(tok, str) and re.fullmatch(r"[+-]?\d+", tok):
         tok = int(tok)
     if isinstance(tok, bool) or not isinstance(tok, (int, str)):
-        raise BandSelectionError(f"band {tok!r} is not a band number; pass 1-based integers, e.g. --bands 3,2,1")
+        raise BandSelectionError(f"band {tok!r} is not a band number; bands are numbered from 1, e.g. 3,2,1")
     if isinstance(tok, int):
         if tok < 1:
             raise BandSelectionError(
                 f"band {tok} does not exist: band numbers start at 1 and the raster has {_range_text(count)}; "
-                f"e.g. --bands {_example(count)}"
+                f"e.g. {_example(count)}"
             )
         if tok > count:
-            hint = "pass --bands with three of them, e.g. --bands 3,2,1" if count >= 3 else "pass --bands 1"
+            hint = "choose three of them, e.g. 3,2,1" if count >= 3 else "choose band 1"
             raise BandSelectionError(f"band {tok} does not exist: the raster has {_range_text(count)}; {hint}")
         return tok
     # A name: a role ("nir") or a description ("B8", "Red").
@@ -299,7 +299,7 @@ def _resolve_band(tok: int | str, count: int, descriptions: Sequence[str | None]
     names = f"; known names: {', '.join(known)}" if known else ""
     raise BandSelectionError(
         f"band {tok!r} is neither a band number (1-{count}) nor a band name of this raster{names}; "
-        f"e.g. --bands {_example(count)}"
+        f"e.g. {_example(count)}"
     )
 
 
