@@ -1,4 +1,4 @@
-"""`geochat data build-instruct`: LLaVA-format conversations from generated RSICD/DOTA/SpaceNet-like data."""
+"""`geochat data build-instruct | build-vqa | build-ground`: training and evaluation files from generated RSICD/DOTA/SpaceNet-like data."""
 
 from __future__ import annotations
 
@@ -207,6 +207,27 @@ def test_build_vqa_writes_presence_questions_that_eval_vqa_reads(sources: dict[s
     assert [r.answer for r in parsed] == [r["answer"] for r in rows] and all(r.image.is_file() for r in parsed)
     assert main(["data", "build-vqa", "--rsicd", str(sources["rsicd"]), "--split", "val", "--out", str(out)]) == 2
     assert "no images in the split 'val'" in capsys.readouterr().err
+
+
+def test_build_ground_writes_tile_boxes_that_eval_ground_reads(sources: dict[str, Path], tmp_path: Path) -> None:
+    from geochat.eval.annotations import read_annotations
+
+    out = tmp_path / "ground.jsonl"
+    assert main(["data", "build-ground", "--dota", str(sources["dota"]), "--spacenet", str(sources["tif"]),
+                 str(sources["geojson"]), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    first = next(r for r in rows if r["image"] == "tiles/dota-P1-0-0.png" and r["phrase"] == "ships")
+    assert len(first["boxes"]) == 2  # both ships lie inside the first 512-px tile
+    expected = [Box(70, 110, 130, 130, 30), Box(175, 292, 225, 308, -60)]  # as _rect drew them, in tile pixels
+    for want in expected:
+        assert max(rotated_iou(Box(min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3]), b[4]), want)
+                   for b in first["boxes"]) > 0.99
+    shifted = next(r for r in rows if r["image"] == "tiles/dota-P1-188-88.png" and r["phrase"] == "harbors")
+    assert rotated_iou(Box(*shifted["boxes"][0][:4], shifted["boxes"][0][4]), Box(392, 392, 472, 432)) > 0.99
+    assert any(r["image"].startswith("tiles/spacenet-") and r["phrase"] == "buildings" for r in rows)
+    parsed = read_annotations(out)
+    assert len(parsed) == len(rows) and all(r.image.is_file() and r.boxes for r in parsed)
+    assert main(["data", "build-ground", "--out", str(out)]) == 2
 
 
 def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

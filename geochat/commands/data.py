@@ -1,5 +1,6 @@
 """`geochat data build-instruct`: LLaVA-format instruction data from the real annotations.
-`geochat data build-vqa`: an `eval vqa` file of yes/no presence questions from RSICD's captions."""
+`geochat data build-vqa`: an `eval vqa` file of yes/no presence questions from RSICD's captions.
+`geochat data build-ground`: an `eval ground` file from DOTA labels and SpaceNet footprints, cut into tiles."""
 
 from __future__ import annotations
 
@@ -35,6 +36,12 @@ def register(subparsers: Any) -> None:
     v.add_argument("--limit", type=int, help="use only N images (a seeded random subset)")
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=run_vqa)
+    g = sub.add_parser("build-ground", help="write an eval ground file: DOTA / SpaceNet tiles and their boxes by class")
+    g.add_argument("--dota", type=Path, help="DOTA directory (images/ + labels/)")
+    g.add_argument("--spacenet", nargs=2, type=Path, metavar=("TIF", "GEOJSON"), help="SpaceNet raster + footprints")
+    g.add_argument("--out", type=Path, required=True, help="output JSONL (tiles are written beside it)")
+    g.add_argument("--tile-stride", type=float, help="tile step as a fraction of the tile (default 0.75 / 1.0)")
+    g.set_defaults(func=run_ground)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,4 +78,20 @@ def run_vqa(args: argparse.Namespace) -> int:
         raise GeoChatError(str(exc)) from exc
     print(f"{sum(counts.values())} questions written to {args.out} (yes: {counts['yes']}, no: {counts['no']}); "
           f"score them with: geochat eval vqa --annotations {args.out}", file=sys.stderr)
+    return 0
+
+
+def run_ground(args: argparse.Namespace) -> int:
+    from geochat.data.instruct import build_ground
+
+    if not (args.dota or args.spacenet):
+        raise GeoChatError("name at least one source: --dota or --spacenet")
+    for path in [args.dota, *(args.spacenet or [])]:
+        if path is not None and not path.exists():
+            raise GeoChatError(f"not found: {path}")
+    if args.tile_stride is not None and not 0.05 <= args.tile_stride <= 1:
+        raise GeoChatError(f"--tile-stride must be in [0.05, 1] (a fraction of the tile), got {args.tile_stride}")
+    counts = build_ground(args.out, args.dota, tuple(args.spacenet) if args.spacenet else None, args.tile_stride)
+    print(f"{sum(counts.values())} rows written to {args.out} ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
+          f"score them with: geochat eval ground --annotations {args.out}", file=sys.stderr)
     return 0

@@ -221,13 +221,21 @@ def _positions(length: int, tile: int, stride: int) -> list[int]:
 
 def dota_samples(directory: Path, out_dir: Path, opts: BuildOptions) -> Iterator[dict[str, Any]]:
     rng = random.Random(opts.seed + 1)
+    for tile, objects in dota_tiles(directory, out_dir, opts.tile_stride):
+        yield from tile_samples(tile, out_dir, objects, DOTA_TILE, opts, rng)
+
+
+def dota_tiles(directory: Path, out_dir: Path, tile_stride: float | None = None
+               ) -> Iterator[tuple[Path, list[tuple[str, tuple[float, ...]]]]]:
+    """DOTA scenes cut into DOTA_TILE-pixel PNG tiles under out_dir/tiles: (tile, [(class, pixel box in the
+    tile)]) for every tile that holds a whole object."""
     tiles_dir = out_dir / "tiles"
     tiles_dir.mkdir(parents=True, exist_ok=True)
     for scene in load_dota(directory):
         with Image.open(scene.image) as im:
             rgb = np.asarray(im.convert("RGB"))
         h, w = rgb.shape[:2]
-        stride = round(DOTA_TILE * opts.tile_stride) if opts.tile_stride else DOTA_STRIDE
+        stride = round(DOTA_TILE * tile_stride) if tile_stride else DOTA_STRIDE
         for row in _positions(h, DOTA_TILE, stride):
             for col in _positions(w, DOTA_TILE, stride):
                 inside = [o for o in scene.objects if o.inside(col, row, DOTA_TILE)]
@@ -235,8 +243,7 @@ def dota_samples(directory: Path, out_dir: Path, opts: BuildOptions) -> Iterator
                     continue
                 tile = tiles_dir / f"dota-{scene.image.stem}-{col}-{row}.png"
                 Image.fromarray(_pad(rgb[row : row + DOTA_TILE, col : col + DOTA_TILE], DOTA_TILE)).save(tile)
-                objects = [(o.label, _shift(o.rotated_box, col, row)) for o in inside]
-                yield from tile_samples(tile, out_dir, objects, DOTA_TILE, opts, rng)
+                yield tile, [(o.label, _shift(o.rotated_box, col, row)) for o in inside]
 
 
 def _pad(tile: np.ndarray, size: int) -> np.ndarray:
@@ -249,16 +256,24 @@ def _pad(tile: np.ndarray, size: int) -> np.ndarray:
 
 
 def spacenet_samples(raster: Path, geojson: Path, out_dir: Path, opts: BuildOptions) -> Iterator[dict[str, Any]]:
+    rng = random.Random(opts.seed + 2)
+    for tile, objects in spacenet_tiles(raster, geojson, out_dir, opts.tile_stride):
+        yield from tile_samples(tile, out_dir, objects, SPACENET_TILE, opts, rng)
+
+
+def spacenet_tiles(raster: Path, geojson: Path, out_dir: Path, tile_stride: float | None = None
+                   ) -> Iterator[tuple[Path, list[tuple[str, tuple[float, ...]]]]]:
+    """A SpaceNet raster cut into SPACENET_TILE-pixel PNG tiles under out_dir/tiles: (tile, [("building",
+    pixel box in the tile)]) for every tile that holds a whole footprint."""
     from geochat.imagery import load_image
 
-    rng = random.Random(opts.seed + 2)
     loaded = load_image(raster, max_size=100_000)
     rgb = loaded.rgb
     footprints = load_footprints(raster, geojson)
     tiles_dir = out_dir / "tiles"
     tiles_dir.mkdir(parents=True, exist_ok=True)
     h, w = rgb.shape[:2]
-    stride = round(SPACENET_TILE * opts.tile_stride) if opts.tile_stride else SPACENET_TILE
+    stride = round(SPACENET_TILE * tile_stride) if tile_stride else SPACENET_TILE
     for row in _positions(h, SPACENET_TILE, stride):
         for col in _positions(w, SPACENET_TILE, stride):
             inside = [f for f in footprints
@@ -267,8 +282,36 @@ def spacenet_samples(raster: Path, geojson: Path, out_dir: Path, opts: BuildOpti
                 continue
             tile = tiles_dir / f"spacenet-{raster.stem}-{col}-{row}.png"
             Image.fromarray(rgb[row : row + SPACENET_TILE, col : col + SPACENET_TILE]).save(tile)
-            objects = [("building", _shift(f.rotated_box, col, row)) for f in inside]
-            yield from tile_samples(tile, out_dir, objects, SPACENET_TILE, opts, rng)
+            yield tile, [("building", _shift(f.rotated_box, col, row)) for f in inside]
+
+
+def build_ground(out: Path, dota: Path | None = None, spacenet: tuple[Path, Path] | None = None,
+                 tile_stride: float | None = None) -> dict[str, int]:
+    """Write an `eval ground` file from DOTA labels and/or SpaceNet footprints, cut into the tiles that
+    build-instruct makes (written beside `out`): one row a tile and class, ``{"image", "phrase" (the
+    class, plural, as a refer question names it), "boxes": [[x1, y1, x2, y2, θ], …] (tile pixels)}``, for
+    the classes with at most MAX_BOXES objects in the tile, as the refer samples are. Returns row counts
+    by source."""
+    out_dir = out.parent.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources: list[tuple[str, Iterator[tuple[Path, list[tuple[str, tuple[float, ...]]]]]]] = []
+    if dota is not None:
+        sources.append(("dota", dota_tiles(dota, out_dir, tile_stride)))
+    if spacenet is not None:
+        sources.append(("spacenet", spacenet_tiles(*spacenet, out_dir, tile_stride)))
+    rows, counts = [], {}
+    for name, tiles in sources:
+        counts[name] = 0
+        for tile, objects in tiles:
+            by_class: dict[str, list[list[float]]] = defaultdict(list)
+            for label, box in objects:
+                by_class[label].append([round(v, 2) for v in box])
+            for label, boxes in sorted(by_class.items()):
+                if len(boxes) <= MAX_BOXES:
+                    rows.append({"image": os.path.relpath(tile, out_dir), "phrase": _phrase(label, 2), "boxes": boxes})
+                    counts[name] += 1
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return counts
 
 
 def build_instruct(out: Path, rsicd: Path | None = None, dota: Path | None = None,
