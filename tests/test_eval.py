@@ -69,6 +69,27 @@ def test_caption_metrics_reject_bad_input() -> None:
         caption_scores(["a caption"], [[]])
 
 
+def test_caption_metrics_keep_javas_stderr_unless_they_fail(capfd: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    capfd.readouterr()
+    caption_scores(PERFECT[:1], REFS[:1])
+    assert "PTBTokenizer" not in capfd.readouterr().err  # Java's "tokenized N tokens at …" rate line
+
+    def failing(self: object, captions: object) -> None:  # a child process complains, then the step fails
+        subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('java: no such jar\\n')"], check=True)
+        raise RuntimeError("tokenizer failed")
+
+    monkeypatch.setattr(PTBTokenizer, "tokenize", failing)
+    with pytest.raises(RuntimeError, match="tokenizer failed"):
+        caption_scores(PERFECT[:1], REFS[:1])
+    assert "java: no such jar" in capfd.readouterr().err
+
+
 def test_accuracy_confusion_and_per_class() -> None:
     gold = ["a", "a", "b", "c"]
     pred = ["a", "b", "b", "a"]

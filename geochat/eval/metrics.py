@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
+import sys
+import tempfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -74,6 +77,25 @@ def retrieval_recalls(image_emb: np.ndarray, caption_emb: np.ndarray, caption_im
     return {**{f"t2i_R@{k}": v for k, v in t2i.items()}, **{f"i2t_R@{k}": v for k, v in i2t.items()}}
 
 
+@contextlib.contextmanager
+def _java_stderr() -> Iterator[None]:
+    """Hold what child processes write to file descriptor 2; show it only when the block fails."""
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def caption_scores(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """COCO caption metrics (corpus level) of one candidate per item against that item's references."""
     return caption_scores_with_items(candidates, references)[0]
@@ -101,8 +123,9 @@ def caption_scores_with_items(
         raise ValueError("every candidate needs at least one reference caption")
     gts = {i: [{"caption": r} for r in refs] for i, refs in enumerate(references)}
     res = {i: [{"caption": c if c.strip() else "."}] for i, c in enumerate(candidates)}
-    # pycocoevalcap prints progress to stdout; keep stdout clean for --json.
-    with contextlib.redirect_stdout(io.StringIO()):
+    # pycocoevalcap prints progress to stdout, and its Java tokenizer a rate line to the process's stderr:
+    # keep stdout clean for --json and stderr for what matters (the Java output comes back with an error)
+    with contextlib.redirect_stdout(io.StringIO()), _java_stderr():
         tokenizer = PTBTokenizer()
         gts_tok, res_tok = tokenizer.tokenize(gts), tokenizer.tokenize(res)
         bleu, bleu_items = Bleu(4).compute_score(gts_tok, res_tok)
