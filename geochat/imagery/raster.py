@@ -128,16 +128,49 @@ def _read_bands(ds: DatasetReader, indexes: Sequence[int], window: Window | None
                 decimating: bool) -> tuple[np.ndarray, np.ndarray]:
     """(bands, h, w) data and (h, w) validity of `indexes`, resampled to `out_shape`.
 
-    Averaging when decimating (GDAL skips nodata in the average); nearest for complex data, where an
-    average of complex samples would cancel by phase, for palette indices, and for float data that does not
-    declare NaN as nodata (GDAL would average NaN into every output pixel that touches one).
+    Averaging when decimating (GDAL skips nodata in the average); nearest for palette indices and for float
+    data that does not declare NaN as nodata (GDAL would average NaN into every output pixel that touches one).
+    Complex (SAR) data is multilooked instead: an average of complex samples would cancel by phase, so up to
+    LOOKS × LOOKS samples are read for each output pixel and their intensity |z|² averaged (`_multilook`),
+    which is what a SAR quicklook does against speckle.
     """
     dtype = ds.dtypes[0]
+    if decimating and is_complex(dtype):
+        looks = _looks(window.height if window else ds.height, window.width if window else ds.width, out_shape)
+        if looks > 1:
+            fine = (out_shape[0] * looks, out_shape[1] * looks)
+            data = ds.read(list(indexes), window=window, out_shape=(len(indexes), *fine), resampling=Resampling.nearest)
+            return _multilook(data, _valid_mask(ds, indexes, data, window, fine), looks)
     undeclared_nan = not is_complex(dtype) and np.dtype(dtype).kind == "f" and ds.nodata is None
     nearest = not decimating or is_complex(dtype) or undeclared_nan or ds.colorinterp[0] == ColorInterp.palette
     data = ds.read(list(indexes), window=window, out_shape=(len(indexes), *out_shape),
                    resampling=Resampling.nearest if nearest else Resampling.average)
     return data, _valid_mask(ds, indexes, data, window, out_shape)
+
+
+LOOKS = 4                      # at most 4 × 4 samples an output pixel for a decimated SAR view
+MAX_LOOK_SAMPLES = 64_000_000  # and at most this many samples a band (1024² output × 16 × 8 bytes: 134 MB)
+
+
+def _looks(height: float, width: float, out_shape: tuple[int, int]) -> int:
+    """Samples a side per output pixel for a multilooked view: the decimation, at most LOOKS, within the budget."""
+    looks = min(LOOKS, int(height // out_shape[0]), int(width // out_shape[1]))
+    while looks > 1 and looks * looks * out_shape[0] * out_shape[1] > MAX_LOOK_SAMPLES:
+        looks -= 1
+    return max(1, looks)
+
+
+def _multilook(data: np.ndarray, valid: np.ndarray, looks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, h·looks, w·looks) complex samples → (bands, h, w) amplitudes √mean(|z|²) over each block's valid
+    samples (as complex, phase 0), and the blocks where at least half of the samples are valid."""
+    n, fh, fw = data.shape
+    h, w = fh // looks, fw // looks
+    power = np.where(valid, np.abs(data) ** 2, 0.0).reshape(n, h, looks, w, looks).sum(axis=(2, 4))
+    count = valid.reshape(h, looks, w, looks).sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        amplitude = np.sqrt(power / count)
+    kept = count * 2 >= looks * looks
+    return np.where(kept, amplitude, np.nan).astype(np.complex64), kept
 
 
 def is_complex(dtype: str) -> bool:
