@@ -88,15 +88,22 @@ class Retriever:
 
     def search(self, query: str, k: int | None = None) -> list[Passage]:
         """The `k` passages closest to `query`, labelled S1..Sk; [] where no docs are indexed."""
-        if self._docs is None or not query.strip():
+        if not query.strip():
+            return []
+        docs = self._docs
+        if docs is None:  # none indexed (or dropped by a rebuild elsewhere): look again next time
+            self.__dict__.pop("_docs", None)
             return []
         vector = self.text_embedder.embed_query(query)
         try:
-            res = self._docs.query(query_embeddings=[vector.tolist()], n_results=k or self.k,
-                                   include=["documents", "metadatas", "distances"])
-        except ChromaError as exc:  # e.g. dropped by `index docs --rebuild` in another process since it was opened
-            raise CorruptIndexError(f"the docs index in {self.store.location} changed under this process ({exc}); "
-                                    "restart it to read the new one") from exc
+            res = self._query_docs(docs, vector, k)
+        except ChromaError:  # e.g. dropped by `index docs --rebuild` in another process since it was opened:
+            try:                # read the new one
+                res = self._query_docs(self._reopen_docs(), vector, k)
+            except ChromaError as exc:
+                self.__dict__.pop("_docs", None)
+                raise CorruptIndexError(f"the docs index in {self.store.location} changed under this process "
+                                        f"({exc}); ask again") from exc
         passages = [
             Passage(id="S0", source=str(meta.get("source", "")), heading=str(meta.get("heading", "")),
                     text=doc or "", score=round(1.0 - float(dist), 4))
@@ -104,6 +111,23 @@ class Retriever:
             if meta is not None and doc is not None  # a chunk another process deleted since this one opened the store
         ]
         return label_passages(passages)
+
+    def _query_docs(self, docs: Any, vector: np.ndarray, k: int | None) -> Any:
+        return docs.query(query_embeddings=[vector.tolist()], n_results=k or self.k,
+                          include=["documents", "metadatas", "distances"])
+
+    def _reopen_docs(self) -> Any:
+        """The docs collection opened again after another process replaced it; the next search tries again
+        while it is still being rebuilt."""
+        self.__dict__.pop("_docs", None)
+        try:
+            docs = self._docs
+        except GeoChatError:  # unfinished: the other run is still writing it
+            docs = None
+        if docs is None:
+            raise CorruptIndexError(f"the docs index in {self.store.location} is being rebuilt by another process; "
+                                    "ask again when `geochat index docs` has finished")
+        return docs
 
     # -- images ----------------------------------------------------------------------------------
 
