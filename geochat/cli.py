@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BandSelectionError as exc:  # the library's wording fits the app and the API too; here: the flag
-        print(f"geochat: error: {exc} (pass the bands with --bands)", file=sys.stderr)
+        flag = f" (pass the {exc.option} with --{exc.option})" if exc.option else ""
+        print(f"geochat: error: {exc}{flag}", file=sys.stderr)
         return EXIT_USAGE
     except GeoChatError as exc:
         print(f"geochat: error: {exc}", file=sys.stderr)

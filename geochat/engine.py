@@ -140,6 +140,8 @@ class StopOnLoop(StoppingCriteria):
     - each of its last `repeats` boxes covers much the same ground as an earlier one (IoU >= 0.5): a
       small model asked for boxes may walk one box across the image a pixel at a time (13 such boxes on
       an RSICD storage-tank scene, and every tile of a tiled run paying the full token budget).
+    After a repeating text stopped it, `period` is the block's length and `trim` drops the repeats from the answer
+    (text already streamed keeps them: a stream cannot take text back).
     """
 
     def __init__(self, prompt_length: int, decode: Callable[[list[int]], str], repeats: int = 3) -> None:

@@ -18,7 +18,12 @@ class ImageryError(GeoChatError):
 
 
 class BandSelectionError(ImageryError):
-    """The requested bands do not exist in the raster or cannot form an RGB view."""
+    """The requested bands do not exist in the raster or cannot form an RGB view. `option` is what the user
+    changes to fix it ("bands", "sensor", or None), so that each face can name its own control for it."""
+
+    def __init__(self, message: str, option: str | None = "bands") -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class GroundingParseError(GeoChatError):

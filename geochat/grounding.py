@@ -336,14 +336,43 @@ def rotated_iou(a: Box, b: Box) -> float:
     return max(0.0, min(1.0, inter / union)) if union > 0 else 0.0
 
 
-def covered_fraction(a: Box, b: Box) -> float:
-    """The share of the smaller of two rotated rectangles that the other covers (0 when either is degenerate)."""
-    pa, pb = a.corners(), b.corners()
-    smaller = min(abs(_signed_area(pa)), abs(_signed_area(pb)))
-    if smaller == 0.0:
+def iou_within(a: Box, b: Box, region: tuple[float, float, float, float]) -> float:
+    """IoU of the parts of two rotated rectangles inside `region` (x1, y1, x2, y2); 0 when either has none."""
+    x1, y1, x2, y2 = region
+    frame = [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
+    pa, pb = _clip_convex(a.corners(), frame), _clip_convex(b.corners(), frame)
+    if len(pa) < 3 or len(pb) < 3:
         return 0.0
+    area_a, area_b = abs(_signed_area(pa)), abs(_signed_area(pb))
     inter_poly = _clip_convex(pa, pb)
-    return min(1.0, abs(_signed_area(inter_poly)) / smaller) if len(inter_poly) >= 3 else 0.0
+    inter = abs(_signed_area(inter_poly)) if len(inter_poly) >= 3 else 0.0
+    union = area_a + area_b - inter
+    return max(0.0, min(1.0, inter / union)) if union > 0 else 0.0
+
+
+def min_area_rectangle(points: Sequence[Point]) -> list[Point]:
+    """4 corners of the smallest rotated rectangle around `points` (one side lies on a hull edge)."""
+    pts = sorted(set(points))
+    if len(pts) < 3:
+        raise ValueError("a footprint needs at least 3 distinct points")
+    best: tuple[float, list[Point]] | None = None
+    for i in range(len(pts)):
+        for j in range(i + 1, len(pts)):
+            dx, dy = pts[j][0] - pts[i][0], pts[j][1] - pts[i][1]
+            norm = math.hypot(dx, dy)
+            if norm == 0:
+                continue
+            ux, uy = dx / norm, dy / norm
+            pu = [x * ux + y * uy for x, y in pts]
+            pv = [-x * uy + y * ux for x, y in pts]
+            area = (max(pu) - min(pu)) * (max(pv) - min(pv))
+            if best is None or area < best[0] - 1e-9:
+                corners = [(a * ux - b * uy, a * uy + b * ux) for a, b in
+                           ((min(pu), min(pv)), (max(pu), min(pv)), (max(pu), max(pv)), (min(pu), max(pv)))]
+                best = (area, corners)
+    assert best is not None
+    return best[1]
+
 
 
 MERGE_IOU = 0.5

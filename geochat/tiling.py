@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from geochat.answer import Answer, BoxResult, Timings
 from geochat.errors import GeoChatError
-from geochat.grounding import Box, covered_fraction, merge_boxes
+from geochat.grounding import Box, iou_within, merge_boxes, min_area_rectangle, polygon_to_rotated_box
 from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson, read_window
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 DEFAULT_TILE = 1024
 DEFAULT_OVERLAP = 128
 EDGE_MARGIN = 0.015  # a box within this fraction of the tile's side from an inner edge is cut there (grid step 1 %)
-JOIN_COVERED = 0.5   # cut pieces join when their overlap is at least this share of the smaller one
+JOIN_IOU = 0.5       # cut pieces join when their parts in the tiles' shared area overlap this much
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,14 @@ def cut_edges(box: Box, tile: Tile, width: int, height: int) -> bool:
             or (tile.row + tile.height < height and y2 >= tile.row + tile.height - margin))
 
 
-def join_cut_boxes(pieces: Sequence[tuple[str | None, Box, int, bool]]) -> list[tuple[str | None, Box]]:
-    """(phrase, raster box, tile number, cut at an inner tile edge) → boxes with the pieces of one object joined.
+def join_cut_boxes(pieces: Sequence[tuple[str | None, Box, Tile, bool]]) -> list[tuple[str | None, Box]]:
+    """(phrase, raster box, its tile, cut at an inner tile edge) → boxes with the pieces of one object joined.
 
-    Two boxes of one phrase from different tiles, at least one of them cut, whose overlap is at least half of
-    the smaller one are one object seen twice; pieces linked that way (a large object over the corner of four
-    tiles: four pieces) become the rectangle around them all, or the largest piece when one is rotated (the
-    hull of turned rectangles is not one).
+    Two pieces of one object seen from two tiles agree where the tiles overlap, however far the object runs
+    out of that strip on either side. So two boxes of one phrase from different tiles, at least one of them
+    cut, whose parts inside the tiles' shared area have an IoU of JOIN_IOU or more are one object. Pieces linked
+    that way (an object over the corner of four tiles: four pieces) become the rectangle around them all: the
+    axis-aligned one when none is turned, else the smallest turned rectangle around their corners.
     """
     parent = list(range(len(pieces)))
 
@@ -86,8 +87,9 @@ def join_cut_boxes(pieces: Sequence[tuple[str | None, Box, int, bool]]) -> list[
         if not cut:  # a pair needs a cut piece: look from those only
             continue
         for j, (other_phrase, b, other_tile, _) in enumerate(pieces):
-            if (j != i and other_phrase == phrase and other_tile != tile and _touch(extents[i], extents[j])
-                    and covered_fraction(a, b) >= JOIN_COVERED):
+            shared = _shared(tile, other_tile)
+            if (j != i and other_phrase == phrase and other_tile != tile and shared is not None
+                    and _touch(extents[i], extents[j]) and iou_within(a, b, shared) >= JOIN_IOU):
                 parent[root(i)] = root(j)
     groups: dict[int, list[int]] = {}
     for i in range(len(pieces)):
@@ -95,13 +97,23 @@ def join_cut_boxes(pieces: Sequence[tuple[str | None, Box, int, bool]]) -> list[
     out = []
     for members in groups.values():
         boxes = [pieces[i][1] for i in members]
-        if len(boxes) == 1 or any(b.theta for b in boxes):
-            box = max(boxes, key=lambda b: (b.x2 - b.x1) * (b.y2 - b.y1))
+        if len(boxes) == 1:
+            box = boxes[0]
+        elif any(b.theta for b in boxes):
+            x1, y1, x2, y2, theta = polygon_to_rotated_box(min_area_rectangle([c for b in boxes for c in b.corners()]))
+            box = Box(x1, y1, x2, y2, theta)
         else:
             box = Box(min(b.x1 for b in boxes), min(b.y1 for b in boxes), max(b.x2 for b in boxes),
                       max(b.y2 for b in boxes))
         out.append((pieces[members[0]][0], box))
     return out
+
+
+def _shared(a: Tile, b: Tile) -> tuple[float, float, float, float] | None:
+    """The area two tiles share (x1, y1, x2, y2), None when they only touch or lie apart."""
+    x1, y1 = max(a.col, b.col), max(a.row, b.row)
+    x2, y2 = min(a.col + a.width, b.col + b.width), min(a.row + a.height, b.row + b.height)
+    return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
 
 
 def _extent(box: Box) -> tuple[float, float, float, float]:
@@ -132,10 +144,10 @@ def chat_tiled(
     if overview is None:  # the caller may already hold it (the CLI draws the boxes on it)
         overview = load_image(source, bands=bands, sensor=sensor)
     info = overview.info
-    found: list[tuple[str | None, Box, int, bool]] = []
+    found: list[tuple[str | None, Box, Tile, bool]] = []
     texts: list[str] = []
     encode = ttft = total = 0.0
-    for n, t in enumerate(plan_tiles(info.width, info.height, tile, overlap)):
+    for t in plan_tiles(info.width, info.height, tile, overlap):
         rgb = read_window(source, (t.col, t.row, t.width, t.height), bands, out_size=min(tile, DEFAULT_TILE),
                           sensor=sensor, stretch=overview.stretch)
         answer = gc.chat(rgb, message, task=task, **chat_kwargs)
@@ -146,7 +158,7 @@ def chat_tiled(
         for result in answer.boxes:
             x1, y1, x2, y2, theta = result.pixel
             box = Box(t.col + x1 * scale, t.row + y1 * scale, t.col + x2 * scale, t.row + y2 * scale, theta)
-            found.append((result.phrase, box, n, cut_edges(box, t, info.width, info.height)))
+            found.append((result.phrase, box, t, cut_edges(box, t, info.width, info.height)))
     merged = merge_boxes(join_cut_boxes(found))
     polygons = [b.corners() for _, b in merged]
     results = []

@@ -72,6 +72,10 @@ def test_caption_needs_no_question(capsys: pytest.CaptureFixture[str], model_dir
         (["/no/such/file.tif", "q"], "image not found"),
         (["{corrupt}", "q"], "corrupt.tif"),
         (["{s2}", "q", "--bands", "4,3,99"], "band 99 does not exist: the raster has 13 bands (1-13); choose three of them, e.g. 3,2,1 (pass the bands with --bands)"),
+        (["{s2}", "q", "--sensor", "sentinel-9"], "unknown sensor preset 'sentinel-9'; choose one of: sentinel2"),
+        (["{s2}", "q", "--sensor", "sentinel-9"], "rgb, rgbn (pass the sensor with --sensor)"),
+        (["{s2}", "q", "--sensor", "landsat8"], "expects 11 or 7 bands but the raster has 13; choose the bands by "
+                                                 "number instead, e.g. 3,2,1 (pass the bands with --bands)"),
         (["{s2}", "q", "--model", "/no/such/model"], "not a geochat assistant directory"),
         (["{s2}", "q", "--task", "identify"], "needs a region"),
         (["only-one-arg"], "pass an image and a question"),

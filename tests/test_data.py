@@ -228,6 +228,14 @@ def test_build_ground_writes_tile_boxes_that_eval_ground_reads(sources: dict[str
     parsed = read_annotations(out)
     assert len(parsed) == len(rows) and all(r.image.is_file() and r.boxes for r in parsed)
     assert main(["data", "build-ground", "--out", str(out)]) == 2
+    crowded = out.parent / "crowded"  # every tile of a harbour full of ships: nothing a refer answer can name
+    (crowded / "images").mkdir(parents=True)
+    (crowded / "labels").mkdir()
+    Image.fromarray(np.zeros((300, 300, 3), np.uint8)).save(crowded / "images" / "P9.png")
+    ships = [" ".join(f"{v:.1f}" for p in _rect(20 + 18 * i, 150, 12, 6, 0) for v in p) + " ship 0" for i in range(14)]
+    (crowded / "labels" / "P9.txt").write_text("\n".join(ships) + "\n")
+    assert main(["data", "build-ground", "--dota", str(crowded), "--out", str(tmp_path / "none.jsonl")]) == 2
+    assert not (tmp_path / "none.jsonl").exists()
 
 
 def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -428,7 +428,11 @@ def test_a_docs_index_rebuilt_by_another_process_is_read_again(
         gc.retriever.search("revisit time")
     answer = gc.chat(None, "What is the revisit time?")
     assert answer.sources == [] and isinstance(answer.answer, str)
-    index_docs(IndexStore.open(location), docs, embedder=embedder, progress=False)  # the rebuild finishes
+    crashed = IndexStore.open(location)
+    crashed.writable_collection(DOCS, embedder.name, embedder.dim)  # a rebuild that died half-way
+    with pytest.raises(GeoChatError, match="half-written"):
+        gc.retriever.search("revisit time")
+    index_docs(IndexStore.open(location), docs, embedder=embedder, rebuild=True, progress=False)  # as the hint says
     assert gc.chat(None, "What is the revisit time?").sources  # read without a restart
 
 

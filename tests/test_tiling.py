@@ -68,27 +68,46 @@ def test_tile_boxes_land_in_raster_and_map_coordinates(tiny_llm_dir: Path, geoti
 
 def test_pieces_of_an_object_cut_by_tile_edges_are_joined() -> None:
     tiles = plan_tiles(600, 300, 256, 32)
-    left, middle = tiles[0], tiles[1]  # columns 0-256 and 224-480
+    left, middle = tiles[0], tiles[1]  # columns 0-256 and 224-480 (rows 0-256)
     assert cut_edges(Box(200, 100, 256, 140), left, 600, 300) and cut_edges(Box(224, 100, 300, 140), middle, 600, 300)
     assert not cut_edges(Box(0, 0, 40, 40), left, 600, 300)  # the raster's own border is no cut
-    pieces = [("tank", Box(200, 100, 256, 140), 0, True), ("tank", Box(224, 100, 300, 140), 1, True),
-              ("tank", Box(230, 180, 250, 200), 0, True), ("tank", Box(226, 180, 250, 200), 1, False),  # whole in 1
-              ("tank", Box(224, 10, 236, 20), 1, True),  # beside a cut piece of the same tile: two objects
-              ("tank", Box(200, 10, 230, 20), 1, True), ("ship", Box(240, 100, 300, 140), 1, True)]
+    pieces = [("tank", Box(120, 100, 256, 140), left, True), ("tank", Box(224, 100, 400, 140), middle, True),  # wide
+              ("tank", Box(230, 180, 256, 200), left, True), ("tank", Box(230, 180, 250, 200), middle, False),
+              ("car", Box(226, 10, 234, 20), left, False), ("car", Box(240, 10, 250, 20), left, False),  # two cars,
+              ("car", Box(224, 5, 330, 25), middle, True),                      # and one box over both: kept apart
+              ("ship", Box(240, 100, 300, 140), middle, True)]
     joined = sorted(join_cut_boxes(pieces), key=lambda pb: (pb[0] or "", pb[1].y1, pb[1].x1))
-    assert joined == [("ship", Box(240, 100, 300, 140)), ("tank", Box(200, 10, 230, 20)), ("tank", Box(224, 10, 236, 20)),
-                      ("tank", Box(200, 100, 300, 140)), ("tank", Box(226, 180, 250, 200))]
+    assert joined == [("car", Box(224, 5, 330, 25)), ("car", Box(226, 10, 234, 20)), ("car", Box(240, 10, 250, 20)),
+                      ("ship", Box(240, 100, 300, 140)), ("tank", Box(120, 100, 400, 140)),
+                      ("tank", Box(230, 180, 256, 200))]
+    turned = join_cut_boxes([("ship", Box(150, 100, 256, 130, 10), left, True),
+                             ("ship", Box(224, 95, 330, 125, 10), middle, True)])
+    assert len(turned) == 1 and turned[0][1].theta != 0  # the turned rectangle around both pieces
+    hull = turned[0][1]
+    for piece in (Box(150, 100, 256, 130, 10), Box(224, 95, 330, 125, 10)):
+        assert all(hull.x1 - 1e-6 <= x <= hull.x2 + 1e-6 and hull.y1 - 1e-6 <= y <= hull.y2 + 1e-6
+                   for x, y in _unturned(piece.corners(), hull))
+
+
+def _unturned(points: list[tuple[float, float]], box: Box) -> list[tuple[float, float]]:
+    """`points` in the frame of `box` before its turn (so that they can be compared with its x1..x2)."""
+    import math
+
+    cx, cy = box.center
+    c, s = math.cos(math.radians(box.theta)), math.sin(math.radians(box.theta))
+    return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
 
 
 def test_an_object_across_a_seam_is_one_box(tiny_llm_dir: Path, geotiffs: dict[str, Path],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each tile reports what it sees of two tanks: one across the seam of the first two columns, one inside."""
+    """Each tile reports what it sees of three tanks: one longer than twice the overlap across the seam of the first
+    two columns (each tile sees a cut piece), one across that seam but whole in the second column, one inside."""
     from geochat.answer import BoxResult
 
     gc = GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=4)
     real_chat = gc.chat
     tiles = iter(plan_tiles(600, 300, 256, 32))
-    tanks = [(200, 100, 300, 140), (40, 40, 80, 90)]
+    tanks = [(150, 100, 330, 140), (230, 200, 300, 240), (40, 40, 80, 90)]
 
     def chat_seeing_the_tanks(image, message, **kwargs):  # type: ignore[no-untyped-def]
         answer: Answer = real_chat(image, message, **kwargs)

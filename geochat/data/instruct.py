@@ -310,6 +310,9 @@ def build_ground(out: Path, dota: Path | None = None, spacenet: tuple[Path, Path
                 if len(boxes) <= MAX_BOXES:
                     rows.append({"image": os.path.relpath(tile, out_dir), "phrase": _phrase(label, 2), "boxes": boxes})
                     counts[name] += 1
+    if not rows:
+        raise ValueError(f"no tile holds a class with at most {MAX_BOXES} whole objects (the most a refer answer "
+                         "names), so there is nothing to score; try a smaller --tile-stride, or other scenes")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return counts
 

@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from geochat.errors import GeoChatError
-from geochat.grounding import polygon_to_rotated_box
+from geochat.grounding import min_area_rectangle, polygon_to_rotated_box
 from geochat.imagery import map_to_pixel, read_info
 
 Point = tuple[float, float]
@@ -32,30 +30,6 @@ class Footprint:
     def rotated_box(self) -> tuple[float, float, float, float, float]:
         """(x1, y1, x2, y2, θ): the minimum-area rectangle around the footprint, in pixels."""
         return polygon_to_rotated_box(min_area_rectangle(self.polygon))
-
-
-def min_area_rectangle(points: Sequence[Point]) -> list[Point]:
-    """4 corners of the smallest rotated rectangle around `points` (one side lies on a hull edge)."""
-    pts = sorted(set(points))
-    if len(pts) < 3:
-        raise ValueError("a footprint needs at least 3 distinct points")
-    best: tuple[float, list[Point]] | None = None
-    for i in range(len(pts)):
-        for j in range(i + 1, len(pts)):
-            dx, dy = pts[j][0] - pts[i][0], pts[j][1] - pts[i][1]
-            norm = math.hypot(dx, dy)
-            if norm == 0:
-                continue
-            ux, uy = dx / norm, dy / norm
-            pu = [x * ux + y * uy for x, y in pts]
-            pv = [-x * uy + y * ux for x, y in pts]
-            area = (max(pu) - min(pu)) * (max(pv) - min(pv))
-            if best is None or area < best[0] - 1e-9:
-                corners = [(a * ux - b * uy, a * uy + b * ux) for a, b in
-                           ((min(pu), min(pv)), (max(pu), min(pv)), (max(pu), max(pv)), (min(pu), max(pv)))]
-                best = (area, corners)
-    assert best is not None
-    return best[1]
 
 
 def load_footprints(raster: Path, geojson: Path) -> list[Footprint]:

@@ -79,7 +79,8 @@ def retrieval_recalls(image_emb: np.ndarray, caption_emb: np.ndarray, caption_im
 
 @contextlib.contextmanager
 def _java_stderr() -> Iterator[None]:
-    """Hold what child processes write to file descriptor 2; show it only when the block fails."""
+    """Hold what child processes write to file descriptor 2; show it only when the block fails. The descriptor
+    belongs to the whole process: not for use while other threads write to stderr (the evaluation CLI is one)."""
     with tempfile.TemporaryFile() as held:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -87,11 +88,13 @@ def _java_stderr() -> Iterator[None]:
         try:
             yield
         except BaseException:
+            sys.stderr.flush()
             os.dup2(saved, 2)
             held.seek(0)
             sys.stderr.write(held.read().decode(errors="replace"))
             raise
         finally:
+            sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
 

@@ -231,7 +231,7 @@ def _preset_roles(preset_name: str, count: int) -> tuple[SensorPreset, dict[str,
     key = _squash(preset_name)
     if key not in SENSOR_PRESETS:
         raise BandSelectionError(
-            f"unknown sensor preset {preset_name!r}; choose one of: {', '.join(SENSOR_PRESETS)}"
+            f"unknown sensor preset {preset_name!r}; choose one of: {', '.join(SENSOR_PRESETS)}", option="sensor"
         )
     preset = SENSOR_PRESETS[key]
     layout = preset.layout_for(count)
@@ -316,7 +316,7 @@ def select_bands(count: int, descriptions: Sequence[str | None], color_interp: S
     Raises BandSelectionError with a message that says which bands exist and what to pass.
     """
     if count < 1:
-        raise BandSelectionError("the raster has no bands")
+        raise BandSelectionError("the raster has no bands", option=None)
     descriptions = list(descriptions) + [None] * (count - len(descriptions))
     source = "default"
     rgb: tuple[int, int, int] | None = None

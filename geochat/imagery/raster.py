@@ -148,8 +148,8 @@ def _read_bands(ds: DatasetReader, indexes: Sequence[int], window: Window | None
     return data, _valid_mask(ds, indexes, data, window, out_shape)
 
 
-LOOKS = 4                      # at most 4 × 4 samples an output pixel for a decimated SAR view
-MAX_LOOK_SAMPLES = 64_000_000  # and at most this many samples a band (1024² output × 16 × 8 bytes: 134 MB)
+LOOKS = 4                      # at most 4 × 4 samples an output pixel for a decimated SAR view (none under 2×)
+MAX_LOOK_SAMPLES = 16_000_000  # and at most this many samples a band: 128 MB as complex64 (a 1024² view gets 3 × 3)
 
 
 def _looks(height: float, width: float, out_shape: tuple[int, int]) -> int:

@@ -120,10 +120,7 @@ class Retriever:
         """The docs collection opened again after another process replaced it; the next search tries again
         while it is still being rebuilt."""
         self.__dict__.pop("_docs", None)
-        try:
-            docs = self._docs
-        except GeoChatError:  # unfinished: the other run is still writing it
-            docs = None
+        docs = self._docs  # the store says when the new one is still being written, or was left half-written
         if docs is None:
             raise CorruptIndexError(f"the docs index in {self.store.location} is being rebuilt by another process; "
                                     "ask again when `geochat index docs` has finished")

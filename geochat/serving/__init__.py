@@ -5,8 +5,8 @@
 
 `create_app` puts the API routes (`/v1/...`, `/health`, `/docs`) on a FastAPI app and mounts the
 Gradio page at `/` next to them. With an API token the page asks for it as its password (Gradio's login),
-which also closes Gradio's own event endpoints (`gradio_client` can call them to run the model). Only this package imports Gradio and FastAPI; the engine below
-knows neither.
+which also closes Gradio's own event endpoints (`gradio_client` can call them to run the model). Only this
+package imports Gradio and FastAPI; the engine below knows neither.
 """
 
 from __future__ import annotations
