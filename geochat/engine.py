@@ -15,7 +15,8 @@ the shared prefix whole. The image tokens sit in the first user turn, so they ar
 cached prefix after turn one; a prefix shorter than them falls back to a fresh cache.
 
 Generation is serialised by one lock: a CPU runs one forward pass at a time well, and several users
-queue instead of trampling each other's caches.
+queue instead of trampling each other's caches. What watches a generation while it runs (streaming,
+stopping a loop, holding an answer to the labels) is in `geochat.generation`.
 """
 
 from __future__ import annotations
@@ -26,19 +27,19 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers import DynamicCache, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from geochat.answer import Answer, BoxResult, ModelInfo, Timings, Turn
 from geochat.errors import GeoChatError
+from geochat.generation import AnswerStream, StopOnLoop, TextCallback, TimedStreamer, one_of
 from geochat.grounding import (
     Box,
     box_to_pixel_polygon,
@@ -47,7 +48,6 @@ from geochat.grounding import (
     merge_boxes,
     parse_boxes,
     pixel_box_to_grid,
-    rotated_iou,
     strip_grounding,
 )
 from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson
@@ -67,7 +67,6 @@ from geochat.prompting import (
 log = logging.getLogger(__name__)
 
 ImageInput = str | Path | bytes | np.ndarray | LoadedImage | Any  # Any: PIL.Image.Image
-TextCallback = Callable[[str], None]
 
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_SESSIONS = 8  # images whose encodings and KV caches are kept (LRU)
@@ -99,27 +98,6 @@ class _Session:
     last_reused: int = 0  # prompt tokens the last turn took from the cache instead of recomputing
 
 
-class _TimedStreamer(TextStreamer):
-    """Records when the first new token arrives and forwards finished text pieces to a callback."""
-
-    def __init__(self, tokenizer: Any, on_text: TextCallback | None) -> None:
-        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.on_text = on_text
-        self.first_token_at: float | None = None
-        self.cut_short = False  # set by `_generate`: the answer stopped at max_new_tokens
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if self._prompt_seen and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self._prompt_seen = True
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        if text and self.on_text is not None:
-            self.on_text(text)
-
-
 def _check_max_new_tokens(n: int) -> None:
     if n < 1:
         raise GeoChatError(f"max_new_tokens must be at least 1, got {n}")
@@ -131,104 +109,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-class StopOnLoop(StoppingCriteria):
-    """Stops a generation that has started to loop, instead of letting it run to `max_new_tokens`:
-    - its last `repeats` × L new tokens are one block of L tokens said `repeats` times (L from 8 to 48, and no
-      shorter block repeats there: a short one, such as a Markdown table's `|---`, may repeat in a good answer), or
-    - each of its last `repeats` boxes covers much the same ground as an earlier one (IoU >= 0.5): a
-      small model asked for boxes may walk one box across the image a pixel at a time (13 such boxes on
-      an RSICD storage-tank scene, and every tile of a tiled run paying the full token budget).
-    After a repeating text stopped it, `period` is the block's length and `trim` drops the repeats from the answer
-    (text already streamed keeps them: a stream cannot take text back).
-    """
-
-    def __init__(self, prompt_length: int, decode: Callable[[list[int]], str], repeats: int = 3) -> None:
-        self.prompt_length, self.decode, self.repeats = prompt_length, decode, repeats
-        self._closed = 0  # closing braces seen so far: the boxes are checked again when one more is complete
-        self.period: int | None = None  # the repeated block's length, once a repeating text stopped the answer
-
-    def trim(self, new: list[int]) -> list[int]:
-        """`new` without the block's repeats when a repeating text stopped it (the answer keeps one copy)."""
-        return new[: len(new) - (self.repeats - 1) * self.period] if self.period else new
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if input_ids.shape[0] != 1:
-            raise ValueError("StopOnLoop follows one answer (batch size 1)")
-        new = input_ids[0, self.prompt_length:].tolist()
-        period = next((n for n in range(1, 49) if looped(new, n, self.repeats)), None)  # the shortest repeating block
-        looping = period is not None and period >= 8
-        self.period = period if looping else None
-        text = self.decode(new) if new and not looping else ""
-        if text.count("}") > self._closed:
-            self._closed = text.count("}")
-            looping = boxes_circle(parse_boxes(text[: text.rfind("}") + 1]), self.repeats)
-        return torch.full((input_ids.shape[0],), looping, dtype=torch.bool, device=input_ids.device)
-
-
-def looped(tokens: Sequence[int], block: int, repeats: int) -> bool:
-    """Whether `tokens` ends with the same `block` tokens `repeats` times in a row."""
-    if len(tokens) < block * repeats:
-        return False
-    tail = tokens[len(tokens) - block:]
-    return all(tokens[len(tokens) - (k + 1) * block: len(tokens) - k * block] == tail for k in range(1, repeats))
-
-
-def boxes_circle(boxes: Sequence[Box], repeats: int, iou: float = 0.5) -> bool:
-    """Whether each of the last `repeats` boxes overlaps some box before it by `iou` or more."""
-    n = len(boxes)
-    return n > repeats and all(any(rotated_iou(boxes[i], boxes[j]) >= iou for j in range(i)) for i in range(n - repeats, n))
-
-
-class StreamCancelled(Exception):
-    """Raised inside generation when the stream's consumer has gone (`AnswerStream.cancel`)."""
-
-
-class AnswerStream:
-    """Iterate for text pieces as they are generated; `.answer` holds the full `Answer` afterwards.
-
-    Generation runs in a worker thread. When the consumer stops early (it closes the iterator, or calls
-    `cancel()`: a client that disconnected, a browser tab that closed), generation stops at its next
-    text piece and gives the model back to the other users, instead of running on to `max_new_tokens`.
-    """
-
-    def __init__(self, run: Callable[[TextCallback], Answer]) -> None:
-        self._run = run
-        self._cancelled = threading.Event()
-        self.answer: Answer | None = None
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def __iter__(self) -> Iterator[str]:
-        queue: Queue[tuple[str, Any]] = Queue()
-
-        def on_text(piece: str) -> None:
-            if self._cancelled.is_set():
-                raise StreamCancelled("the stream's consumer has gone")
-            queue.put(("text", piece))
-
-        def worker() -> None:
-            try:
-                queue.put(("done", self._run(on_text)))
-            except BaseException as exc:  # handed to the consumer thread, re-raised there
-                queue.put(("error", exc))
-
-        threading.Thread(target=worker, daemon=True).start()
-        try:
-            while True:
-                kind, value = queue.get()
-                if kind == "text":
-                    yield value
-                elif kind == "done":
-                    self.answer = value
-                    return
-                else:
-                    raise value
-        finally:
-            if self.answer is None:  # left early: stop the worker's generation
-                self.cancel()
 
 
 class GeoChat:
@@ -323,7 +203,7 @@ class GeoChat:
         with self._lock:
             encode_s, session = self._session(loaded)
             ids = self._prompt_ids(turns, user, with_image=loaded is not None)
-            streamer = _TimedStreamer(self.assistant.tokenizer, on_text)
+            streamer = TimedStreamer(self.assistant.tokenizer, on_text)
             gen_start = time.perf_counter()
             allowed = label_constraint(self.assistant, task, labels, len(ids), cot)
             raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer, allowed)
@@ -456,7 +336,7 @@ class GeoChat:
     def _prompt_ids(self, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
         return prompt_ids(self.assistant, turns, user, with_image)
 
-    def _generate(self, session: _Session, ids: list[int], max_new_tokens: int, streamer: _TimedStreamer,
+    def _generate(self, session: _Session, ids: list[int], max_new_tokens: int, streamer: TimedStreamer,
                   allowed: Callable[[int, torch.Tensor], list[int]] | None = None) -> str:
         a = self.assistant
         input_ids = torch.tensor([ids])
@@ -564,30 +444,6 @@ def label_constraint(a: Assistant, task: Task, labels: Sequence[str] | None, pro
                      cot: bool = False) -> Callable[[int, torch.Tensor], list[int]] | None:
     """`one_of(labels)` for a classification with labels; None otherwise (and when reasoning comes first)."""
     return one_of(a, labels, prompt_length) if task is Task.CLASSIFY and labels and not cot else None
-
-
-def one_of(a: Assistant, options: Sequence[str], prompt_length: int) -> Callable[[int, torch.Tensor], list[int]]:
-    """A `prefix_allowed_tokens_fn` for `generate`: the answer is exactly one of `options`, then end.
-
-    Classification with a label list must name one of the labels; a free answer from a small model
-    may not (asked to pick among forest/farmland/river it said "park"). Decoding walks a trie of the
-    options' tokens, so greedy decoding picks the most likely option token by token.
-    """
-    sequences = [a.tokenizer.encode(option, add_special_tokens=False) for option in options]
-    eos = a.model.generation_config.eos_token_id
-    if eos is None:
-        eos = a.tokenizer.eos_token_id
-    ends = [eos] if isinstance(eos, int) else list(eos)
-
-    def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
-        done = input_ids[prompt_length:].tolist()
-        n = len(done)
-        nxt = {seq[n] for seq in sequences if len(seq) > n and seq[:n] == done}
-        if done in sequences or not nxt:
-            nxt.update(ends)
-        return sorted(nxt)
-
-    return allowed
 
 
 def _source_json(p: Passage) -> dict[str, Any]:

@@ -132,7 +132,7 @@ def test_boxes_off_the_image_are_dropped_and_boxes_across_its_edge_are_cut(gc: G
 def test_a_looping_generation_is_stopped() -> None:
     import torch
 
-    from geochat.engine import StopOnLoop, boxes_circle, looped
+    from geochat.generation import StopOnLoop, boxes_circle, looped
 
     assert looped([9, 1, 2, 3, 4] + [5, 6, 7, 8] * 3, 4, 3) and not looped([5, 6, 7, 8] * 2 + [5, 6, 7, 9], 4, 3)
     drifting = [Box(2, 13, 3, 26), Box(2, 12, 38, 44), Box(2, 10, 33, 42), Box(16, 13, 23, 31),  # as the shipped
@@ -265,7 +265,7 @@ def test_chat_batch_equals_one_chat_per_image(gc: GeoChat, tmp_path: Path) -> No
 
 def test_classify_with_labels_answers_exactly_one_label(gc: GeoChat) -> None:
     """The tiny random model answers anything; with a label list it can only name one of them."""
-    from geochat.engine import one_of
+    from geochat.generation import one_of
 
     labels = ["forest", "harbor", "desert", "bare_land"]
     free = gc.chat(_image(), "", task="classify", max_new_tokens=10).answer
