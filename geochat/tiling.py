@@ -21,6 +21,7 @@ from geochat.answer import Answer, BoxResult, Timings
 from geochat.errors import GeoChatError
 from geochat.grounding import Box, iou_within, merge_boxes, min_area_rectangle, polygon_to_rotated_box
 from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson, read_window
+from geochat.imagery.raster import TILED_MAX_PIXELS
 
 if TYPE_CHECKING:
     from geochat.engine import GeoChat
@@ -142,7 +143,7 @@ def chat_tiled(
     if tile <= overlap or overlap < 0:
         raise GeoChatError(f"--tile ({tile}) must be larger than --overlap ({overlap}), and --overlap at least 0")
     if overview is None:  # the caller may already hold it (the CLI draws the boxes on it)
-        overview = load_image(source, bands=bands, sensor=sensor)
+        overview = load_image(source, bands=bands, sensor=sensor, max_pixels=TILED_MAX_PIXELS)
     info = overview.info
     found: list[tuple[str | None, Box, Tile, bool]] = []
     texts: list[str] = []

@@ -96,6 +96,30 @@ def test_errors_are_one_line_exit_2(
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
+def test_a_scene_over_the_one_view_limit_is_asked_tile_by_tile(capsys: pytest.CaptureFixture[str], model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """50,000 x 50,000 px (2.5 billion, over the 2 billion one view may hold), sparse: 77 kB on disk."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    size, block = 50_000, 512
+    path = tmp_path / "huge.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=1, dtype="uint8", crs="EPSG:32618",
+                       transform=from_origin(200_000.0, 4_600_000.0, 1.0, 1.0), nodata=0, tiled=True, blockxsize=block,
+                       blockysize=block, compress="deflate", sparse_ok=True) as ds:
+        ds.write(np.full((1, block, block), 200, np.uint8), window=Window(20_480, 20_480, block, block))
+    code, out, err = _ask(capsys, str(path), "fields", "--model", str(model_dir), "--no-retrieval")
+    assert code == 2 and "for one view; ask about it tile by tile" in err and "--tile" in err
+    code, out, err = _ask(capsys, str(path), "fields", "--model", str(model_dir), "--no-retrieval", "--tile", "16384",
+                          "--overlap", "1024", "--task", "refer", "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["facts"]["size"] == [size, size] and answer["task"] == "refer"
+
+
 def test_console_script_never_shows_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "not-a-raster.tif"
     bad.write_text("this is text, not a GeoTIFF")

@@ -390,7 +390,7 @@ def test_other_bad_inputs(fixtures: dict[str, Path]) -> None:
         load_image(42)  # type: ignore[arg-type]
     with pytest.raises(ImageryError, match=r"np.moveaxis\(array, 0, -1\)"):
         load_image(np.zeros((3, 100, 100), np.uint8))
-    with pytest.raises(ImageryError, match="more than the limit of 1,000,000; cut a window out first"):
+    with pytest.raises(ImageryError, match="more than the limit of 1,000,000 for one view; ask about it tile by tile"):
         load_image(fixtures[SPARSE], max_pixels=1_000_000)
 
 

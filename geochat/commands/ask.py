@@ -83,12 +83,14 @@ def run(args: argparse.Namespace) -> int:
 
     from geochat.engine import GeoChat
     from geochat.imagery import load_image
+    from geochat.imagery.raster import DEFAULT_MAX_PIXELS, TILED_MAX_PIXELS
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels is not None else None
     if labels == []:
         raise GeoChatError(f"--labels {args.labels!r} names no label: pass comma-separated options, e.g. "
                            "--labels airport,forest,harbour")
-    loaded = load_image(image_path, bands=args.bands, sensor=args.sensor) if image_path else None
+    limit = TILED_MAX_PIXELS if args.tile else DEFAULT_MAX_PIXELS  # tile by tile, a scene may be far larger
+    loaded = load_image(image_path, bands=args.bands, sensor=args.sensor, max_pixels=limit) if image_path else None
     gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
     if not args.no_retrieval:
         gc.retriever = _retriever(args)

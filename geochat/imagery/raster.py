@@ -37,7 +37,8 @@ from geochat.imagery.sources import ImageSource, gdal_env, open_source, read_gua
 from geochat.imagery.stretch import Stretch, apply_stretch, compute_stretch, display_values
 
 DEFAULT_MAX_SIZE = 1024
-DEFAULT_MAX_PIXELS = 2_000_000_000
+DEFAULT_MAX_PIXELS = 2_000_000_000    # one view of a raster
+TILED_MAX_PIXELS = 100_000_000_000    # a scene asked about tile by tile: a decimated overview, then one window a tile
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,9 @@ def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None,
         if info.width * info.height > max_pixels:
             raise ImageryError(
                 f"{name} is {info.width}x{info.height} = {info.width * info.height:,} pixels, more than "
-                f"the limit of {max_pixels:,}; cut a window out first (e.g. gdal_translate -srcwin X Y W H in.tif "
-                f"out.tif), or in Python raise load_image's max_pixels"
+                f"the limit of {max_pixels:,} for one view; ask about it tile by tile (geochat ask IMAGE QUESTION "
+                f"--tile 1024, or GeoChat.chat_tiled), or cut a window out first (e.g. gdal_translate -srcwin X Y W H "
+                f"in.tif out.tif)"
             )
         palette = info.color_interp[:1] == ("palette",) and info.count == 1 and bands is None
         sel = (BandSelection((1, 1, 1), {}, "colorinterp") if palette else
