@@ -51,6 +51,7 @@ lint: install
 bench: install
 	$(PY) benchmarks/chat_latency.py
 	$(PY) benchmarks/batch_generation.py
+	$(PY) benchmarks/imagery_read.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
