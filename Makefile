@@ -52,6 +52,7 @@ bench: install
 	$(PY) benchmarks/chat_latency.py
 	$(PY) benchmarks/batch_generation.py
 	$(PY) benchmarks/imagery_read.py
+	$(PY) benchmarks/box_merge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -22,7 +22,7 @@ _EXPORTS = {
     "ModelInfo": "geochat.answer",
     "Timings": "geochat.answer",
     "Turn": "geochat.answer",
-    "AnswerStream": "geochat.engine",
+    "AnswerStream": "geochat.generation",
     "GeoChat": "geochat.engine",
     "GeoChatError": "geochat.errors",
     "Task": "geochat.prompting",

@@ -351,28 +351,72 @@ def iou_within(a: Box, b: Box, region: tuple[float, float, float, float]) -> flo
 
 
 def min_area_rectangle(points: Sequence[Point]) -> list[Point]:
-    """4 corners of the smallest rotated rectangle around `points` (one side lies on a hull edge)."""
-    pts = sorted(set(points))
-    if len(pts) < 3:
-        raise ValueError("a footprint needs at least 3 distinct points")
+    """4 corners of the smallest rotated rectangle around `points`: one of its sides lies on an edge of their
+    convex hull, so only the hull's edges are tried."""
+    hull = _convex_hull(points)
+    if len(hull) < 3:
+        raise ValueError("a rotated rectangle needs at least 3 points that are not all on one line")
     best: tuple[float, list[Point]] | None = None
-    for i in range(len(pts)):
-        for j in range(i + 1, len(pts)):
-            dx, dy = pts[j][0] - pts[i][0], pts[j][1] - pts[i][1]
-            norm = math.hypot(dx, dy)
-            if norm == 0:
-                continue
-            ux, uy = dx / norm, dy / norm
-            pu = [x * ux + y * uy for x, y in pts]
-            pv = [-x * uy + y * ux for x, y in pts]
-            area = (max(pu) - min(pu)) * (max(pv) - min(pv))
-            if best is None or area < best[0] - 1e-9:
-                corners = [(a * ux - b * uy, a * uy + b * ux) for a, b in
-                           ((min(pu), min(pv)), (max(pu), min(pv)), (max(pu), max(pv)), (min(pu), max(pv)))]
-                best = (area, corners)
+    for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1], strict=True):
+        norm = math.hypot(x1 - x0, y1 - y0)
+        ux, uy = (x1 - x0) / norm, (y1 - y0) / norm
+        pu = [x * ux + y * uy for x, y in hull]
+        pv = [-x * uy + y * ux for x, y in hull]
+        area = (max(pu) - min(pu)) * (max(pv) - min(pv))
+        if best is None or area < best[0] - 1e-9:
+            corners = [(a * ux - b * uy, a * uy + b * ux) for a, b in
+                       ((min(pu), min(pv)), (max(pu), min(pv)), (max(pu), max(pv)), (min(pu), max(pv)))]
+            best = (area, corners)
     assert best is not None
     return best[1]
 
+
+def _convex_hull(points: Sequence[Point]) -> list[Point]:
+    """The convex hull, counter-clockwise without repeats (Andrew's monotone chain); collinear points dropped."""
+    pts = sorted(set(points))
+    if len(pts) < 3:
+        return pts
+
+    def half(seq: Sequence[Point]) -> list[Point]:
+        out: list[Point] = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out
+
+    lower, upper = half(pts), half(pts[::-1])
+    return lower[:-1] + upper[:-1]
+
+
+def box_extent(box: Box) -> tuple[float, float, float, float]:
+    """(x1, y1, x2, y2) of the axis-aligned rectangle around a (turned) box."""
+    xs, ys = zip(*box.corners(), strict=True)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+class BoxGrid:
+    """Which boxes may overlap a given one: extents hashed into square cells, so that comparing thousands of
+    boxes (a tiled run over a large scene) looks at neighbours only, not at every pair."""
+
+    def __init__(self, boxes: Sequence[Box]) -> None:
+        sides = sorted(max(e[2] - e[0], e[3] - e[1]) for e in map(box_extent, boxes)) or [1.0]
+        # about the typical box, but coarse enough that the largest one spans at most 64 cells a side
+        self.cell = max(1.0, sides[len(sides) // 2], sides[-1] / 64)
+        self._cells: dict[tuple[int, int], list[int]] = {}
+
+    def _keys(self, extent: tuple[float, float, float, float]) -> list[tuple[int, int]]:
+        c = self.cell
+        return [(i, j) for i in range(math.floor(extent[0] / c), math.floor(extent[2] / c) + 1)
+                for j in range(math.floor(extent[1] / c), math.floor(extent[3] / c) + 1)]
+
+    def add(self, index: int, extent: tuple[float, float, float, float]) -> None:
+        for key in self._keys(extent):
+            self._cells.setdefault(key, []).append(index)
+
+    def near(self, extent: tuple[float, float, float, float]) -> set[int]:
+        return {i for key in self._keys(extent) for i in self._cells.get(key, ())}
 
 
 MERGE_IOU = 0.5
@@ -380,9 +424,15 @@ MERGE_IOU = 0.5
 
 def merge_boxes(boxes: Sequence[tuple[str | None, Box]], iou_threshold: float = MERGE_IOU) -> list[tuple[str | None, Box]]:
     """Greedy NMS per phrase: larger boxes first; drop a box that overlaps a kept one above the threshold."""
+    if not iou_threshold > 0:
+        raise ValueError(f"iou_threshold must be above 0, got {iou_threshold}")  # boxes apart have IoU 0
+    order = sorted(boxes, key=lambda pb: -(pb[1].x2 - pb[1].x1) * (pb[1].y2 - pb[1].y1))
+    grid = BoxGrid([b for _, b in order])
     kept: list[tuple[str | None, Box]] = []
-    for phrase, box in sorted(boxes, key=lambda pb: -(pb[1].x2 - pb[1].x1) * (pb[1].y2 - pb[1].y1)):
-        if all(p != phrase or rotated_iou(box, k) < iou_threshold for p, k in kept):
+    for phrase, box in order:
+        extent = box_extent(box)
+        if all(kept[i][0] != phrase or rotated_iou(box, kept[i][1]) < iou_threshold for i in grid.near(extent)):
+            grid.add(len(kept), extent)
             kept.append((phrase, box))
     return kept
 

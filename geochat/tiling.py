@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from geochat.answer import Answer, BoxResult, Timings
 from geochat.errors import GeoChatError
-from geochat.grounding import Box, iou_within, merge_boxes, min_area_rectangle, polygon_to_rotated_box
+from geochat.grounding import (
+    Box,
+    BoxGrid,
+    box_extent,
+    iou_within,
+    merge_boxes,
+    min_area_rectangle,
+    polygon_to_rotated_box,
+)
 from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson, read_window
 from geochat.imagery.raster import TILED_MAX_PIXELS
 
@@ -58,7 +66,7 @@ def plan_tiles(width: int, height: int, tile: int = DEFAULT_TILE, overlap: int =
 def cut_edges(box: Box, tile: Tile, width: int, height: int) -> bool:
     """Whether `box` (raster pixels) reaches an edge of `tile` that lies inside the raster: the object may go on
     in the neighbouring tile."""
-    x1, y1, x2, y2 = _extent(box)
+    x1, y1, x2, y2 = box_extent(box)
     margin = EDGE_MARGIN * max(tile.width, tile.height)
     return ((tile.col > 0 and x1 <= tile.col + margin)
             or (tile.col + tile.width < width and x2 >= tile.col + tile.width - margin)
@@ -83,14 +91,19 @@ def join_cut_boxes(pieces: Sequence[tuple[str | None, Box, Tile, bool]]) -> list
             i = parent[i]
         return i
 
-    extents = [_extent(box) for _, box, _, _ in pieces]
+    extents = [box_extent(box) for _, box, _, _ in pieces]
+    grid = BoxGrid([box for _, box, _, _ in pieces])
+    for i, extent in enumerate(extents):
+        grid.add(i, extent)
     for i, (phrase, a, tile, cut) in enumerate(pieces):
         if not cut:  # a pair needs a cut piece: look from those only
             continue
-        for j, (other_phrase, b, other_tile, _) in enumerate(pieces):
+        for j in grid.near(extents[i]):
+            other_phrase, b, other_tile, _ = pieces[j]
+            if other_phrase != phrase or other_tile == tile or not _touch(extents[i], extents[j]):
+                continue
             shared = _shared(tile, other_tile)
-            if (j != i and other_phrase == phrase and other_tile != tile and shared is not None
-                    and _touch(extents[i], extents[j]) and iou_within(a, b, shared) >= JOIN_IOU):
+            if shared is not None and iou_within(a, b, shared) >= JOIN_IOU:
                 parent[root(i)] = root(j)
     groups: dict[int, list[int]] = {}
     for i in range(len(pieces)):
@@ -115,11 +128,6 @@ def _shared(a: Tile, b: Tile) -> tuple[float, float, float, float] | None:
     x1, y1 = max(a.col, b.col), max(a.row, b.row)
     x2, y2 = min(a.col + a.width, b.col + b.width), min(a.row + a.height, b.row + b.height)
     return (x1, y1, x2, y2) if x1 < x2 and y1 < y2 else None
-
-
-def _extent(box: Box) -> tuple[float, float, float, float]:
-    xs, ys = zip(*box.corners(), strict=True)
-    return min(xs), min(ys), max(xs), max(ys)
 
 
 def _touch(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:

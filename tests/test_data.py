@@ -16,8 +16,14 @@ from rasterio.transform import from_origin
 
 from geochat.cli import main
 from geochat.data.instruct import presence_question
-from geochat.data.spacenet import min_area_rectangle
-from geochat.grounding import Box, grid_to_pixel, parse_boxes_strict, polygon_to_rotated_box, rotated_iou
+from geochat.grounding import (
+    Box,
+    grid_to_pixel,
+    min_area_rectangle,
+    parse_boxes_strict,
+    polygon_to_rotated_box,
+    rotated_iou,
+)
 
 
 def _rect(cx: float, cy: float, w: float, h: float, theta: float) -> list[tuple[float, float]]:
@@ -235,7 +241,7 @@ def test_build_ground_writes_tile_boxes_that_eval_ground_reads(sources: dict[str
     ships = [" ".join(f"{v:.1f}" for p in _rect(20 + 18 * i, 150, 12, 6, 0) for v in p) + " ship 0" for i in range(14)]
     (crowded / "labels" / "P9.txt").write_text("\n".join(ships) + "\n")
     assert main(["data", "build-ground", "--dota", str(crowded), "--out", str(tmp_path / "none.jsonl")]) == 2
-    assert not (tmp_path / "none.jsonl").exists()
+    assert not (tmp_path / "none.jsonl").exists() and not list((tmp_path / "tiles").glob("dota-P9-*"))
 
 
 def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

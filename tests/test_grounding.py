@@ -9,11 +9,16 @@ import pytest
 
 from geochat.errors import GroundingParseError
 from geochat.grounding import (
+    MERGE_IOU,
     Box,
+    box_extent,
     box_to_pixel_polygon,
     format_box,
     format_grounded,
     grid_to_pixel,
+    iou_within,
+    merge_boxes,
+    min_area_rectangle,
     parse_boxes,
     parse_boxes_strict,
     parse_region,
@@ -323,3 +328,49 @@ def test_box_validates():
         Box(30, 0, 10, 10)
     with pytest.raises(ValueError):
         Box(0, 0, 10, float("nan"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_merge_boxes_looks_at_neighbours_only_and_keeps_what_all_pairs_keep(seed):
+    rng = random.Random(seed)
+    centres = [(rng.uniform(0, 20_000), rng.uniform(0, 20_000)) for _ in range(40)]
+    boxes = []
+    for _ in range(400):  # clusters of near-copies, some turned, over a 20,000 px scene, two phrases
+        cx, cy = rng.choice(centres)
+        w, h = rng.uniform(100, 160), rng.uniform(100, 160)
+        x, y = cx + rng.uniform(-20, 20), cy + rng.uniform(-20, 20)
+        boxes.append((rng.choice(["car", "ship"]), Box(x, y, x + w, y + h, rng.choice([0.0, 0.0, 30.0, -60.0]))))
+
+    def all_pairs(items):
+        kept = []
+        for phrase, box in sorted(items, key=lambda pb: -(pb[1].x2 - pb[1].x1) * (pb[1].y2 - pb[1].y1)):
+            if all(p != phrase or rotated_iou(box, k) < MERGE_IOU for p, k in kept):
+                kept.append((phrase, box))
+        return kept
+
+    kept = all_pairs(boxes)
+    assert merge_boxes(boxes) == kept and 80 < len(kept) < 200  # many dropped, many kept
+    with pytest.raises(ValueError, match="above 0"):
+        merge_boxes(boxes, iou_threshold=0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_min_area_rectangle_of_a_turned_rectangle_and_points_inside_it(seed):
+    rng = random.Random(seed)
+    box = Box(100, 200, 100 + rng.uniform(10, 400), 200 + rng.uniform(10, 400), rng.uniform(-89, 89))
+    corners = box.corners()
+    inside = [(cx + (ax - cx) * t, cy + (ay - cy) * t) for (ax, ay) in corners for t in (0.3, 0.7)
+              for cx, cy in [box.center]]
+    found = min_area_rectangle([*inside, *corners, *inside])
+    assert rotated_iou(Box(*polygon_to_rotated_box(found)), box) == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="not all on one line"):
+        min_area_rectangle([(0, 0), (1, 1), (2, 2), (1, 1)])
+
+
+def test_iou_within_a_region():
+    a, b = Box(0, 0, 100, 10), Box(50, 0, 200, 10)
+    assert iou_within(a, b, (50, 0, 100, 10)) == pytest.approx(1.0)  # they agree inside the strip
+    assert iou_within(a, b, (0, 0, 200, 10)) == pytest.approx(rotated_iou(a, b))
+    assert iou_within(a, b, (100, 0, 150, 10)) == 0.0  # a only touches that region
+    assert iou_within(a, Box(5, 5, 5, 9), (0, 0, 200, 10)) == 0.0  # a degenerate box
+    assert box_extent(Box(0, 0, 10, 10, 45)) == pytest.approx((5 - 50**0.5, 5 - 50**0.5, 5 + 50**0.5, 5 + 50**0.5))

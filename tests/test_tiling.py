@@ -82,8 +82,9 @@ def test_pieces_of_an_object_cut_by_tile_edges_are_joined() -> None:
                       ("tank", Box(230, 180, 256, 200))]
     turned = join_cut_boxes([("ship", Box(150, 100, 256, 130, 10), left, True),
                              ("ship", Box(224, 95, 330, 125, 10), middle, True)])
-    assert len(turned) == 1 and turned[0][1].theta != 0  # the turned rectangle around both pieces
+    assert len(turned) == 1 and turned[0][1].theta == pytest.approx(10)  # the turned rectangle around both pieces,
     hull = turned[0][1]
+    assert (hull.x2 - hull.x1) * (hull.y2 - hull.y1) < 6_900  # and the smallest one: 180 x 38 px
     for piece in (Box(150, 100, 256, 130, 10), Box(224, 95, 330, 125, 10)):
         assert all(hull.x1 - 1e-6 <= x <= hull.x2 + 1e-6 and hull.y1 - 1e-6 <= y <= hull.y2 + 1e-6
                    for x, y in _unturned(piece.corners(), hull))

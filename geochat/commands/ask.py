@@ -29,7 +29,9 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", type=Path, help="where to save the image with boxes drawn (default: IMAGE_boxes.png)")
     p.add_argument("--tile", type=int, help="large scenes: ask every overlapping TILE-pixel window and merge the boxes")
-    p.add_argument("--overlap", type=int, default=128, help="pixels shared by neighbouring tiles (with --tile)")
+    p.add_argument("--overlap", type=int, default=128,
+                   help="pixels shared by neighbouring tiles (with --tile); an object cut at a seam is joined into one "
+                        "box where the tiles overlap, so 0 leaves its pieces apart")
     p.add_argument("--no-retrieval", action="store_true", help="answer without documentation passages")
     p.add_argument("--k", type=int, default=4, help="documentation passages to put in the prompt (default 4)")
     add_store_arguments(p)

@@ -91,10 +91,7 @@ def run_ground(args: argparse.Namespace) -> int:
             raise GeoChatError(f"not found: {path}")
     if args.tile_stride is not None and not 0.05 <= args.tile_stride <= 1:
         raise GeoChatError(f"--tile-stride must be in [0.05, 1] (a fraction of the tile), got {args.tile_stride}")
-    try:
-        counts = build_ground(args.out, args.dota, tuple(args.spacenet) if args.spacenet else None, args.tile_stride)
-    except ValueError as exc:
-        raise GeoChatError(str(exc)) from exc
+    counts = build_ground(args.out, args.dota, tuple(args.spacenet) if args.spacenet else None, args.tile_stride)
     print(f"{sum(counts.values())} rows written to {args.out} ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
           f"score them with: geochat eval ground --annotations {args.out}", file=sys.stderr)
     return 0

@@ -32,6 +32,7 @@ from PIL import Image
 from geochat.data.dota import load_dota
 from geochat.data.rsicd import RsicdItem, clean_caption, load_rsicd
 from geochat.data.spacenet import load_footprints
+from geochat.errors import GeoChatError
 from geochat.grounding import Box, format_grounded, pixel_box_to_grid
 from geochat.prompting import Task, build_user_message, prompt_facts
 
@@ -299,10 +300,11 @@ def build_ground(out: Path, dota: Path | None = None, spacenet: tuple[Path, Path
         sources.append(("dota", dota_tiles(dota, out_dir, tile_stride)))
     if spacenet is not None:
         sources.append(("spacenet", spacenet_tiles(*spacenet, out_dir, tile_stride)))
-    rows, counts = [], {}
+    rows, counts, written = [], {}, []
     for name, tiles in sources:
         counts[name] = 0
         for tile, objects in tiles:
+            written.append(tile)
             by_class: dict[str, list[list[float]]] = defaultdict(list)
             for label, box in objects:
                 by_class[label].append([round(v, 2) for v in box])
@@ -311,8 +313,10 @@ def build_ground(out: Path, dota: Path | None = None, spacenet: tuple[Path, Path
                     rows.append({"image": os.path.relpath(tile, out_dir), "phrase": _phrase(label, 2), "boxes": boxes})
                     counts[name] += 1
     if not rows:
-        raise ValueError(f"no tile holds a class with at most {MAX_BOXES} whole objects (the most a refer answer "
-                         "names), so there is nothing to score; try a smaller --tile-stride, or other scenes")
+        for tile in written:  # nothing refers to them
+            tile.unlink(missing_ok=True)
+        raise GeoChatError(f"no tile holds a class with at most {MAX_BOXES} whole objects (the most a refer answer "
+                           "names), so there is nothing to score; try a smaller --tile-stride, or other scenes")
     out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return counts
 

@@ -80,7 +80,8 @@ def retrieval_recalls(image_emb: np.ndarray, caption_emb: np.ndarray, caption_im
 @contextlib.contextmanager
 def _java_stderr() -> Iterator[None]:
     """Hold what child processes write to file descriptor 2; show it only when the block fails. The descriptor
-    belongs to the whole process: not for use while other threads write to stderr (the evaluation CLI is one)."""
+    belongs to the whole process, so this is not for code whose other threads write to stderr meanwhile; the
+    evaluation CLI has none."""
     with tempfile.TemporaryFile() as held:
         sys.stderr.flush()
         saved = os.dup(2)

@@ -258,11 +258,12 @@ def load_image(source: ImageSource, *, bands: Sequence[int] | str | None = None,
     with gdal_env(), open_source(source) as (ds, path, name):
         info = _raster_info(ds, path)
         if info.width * info.height > max_pixels:
+            tiled = ("ask about it tile by tile (geochat ask IMAGE QUESTION --tile 1024, or GeoChat.chat_tiled), or "
+                     if max_pixels < TILED_MAX_PIXELS else "")
             raise ImageryError(
                 f"{name} is {info.width}x{info.height} = {info.width * info.height:,} pixels, more than "
-                f"the limit of {max_pixels:,} for one view; ask about it tile by tile (geochat ask IMAGE QUESTION "
-                f"--tile 1024, or GeoChat.chat_tiled), or cut a window out first (e.g. gdal_translate -srcwin X Y W H "
-                f"in.tif out.tif)"
+                f"the limit of {max_pixels:,} for one view; {tiled}cut a window out first (e.g. gdal_translate "
+                f"-srcwin X Y W H in.tif out.tif)"
             )
         palette = info.color_interp[:1] == ("palette",) and info.count == 1 and bands is None
         sel = (BandSelection((1, 1, 1), {}, "colorinterp") if palette else
