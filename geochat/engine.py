@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -37,20 +36,15 @@ import torch
 from transformers import DynamicCache, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from geochat.answer import Answer, BoxResult, ModelInfo, Timings, Turn
+from geochat.answer import Answer, ModelInfo, Timings, Turn
 from geochat.errors import GeoChatError
 from geochat.generation import AnswerStream, StopOnLoop, TextCallback, TimedStreamer, one_of
+from geochat.georeference import georeference, region_to_grid
 from geochat.grounding import (
-    Box,
-    box_to_pixel_polygon,
-    clip_to_frame,
-    grid_to_pixel,
-    merge_boxes,
     parse_boxes,
-    pixel_box_to_grid,
     strip_grounding,
 )
-from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson
+from geochat.imagery import LoadedImage, load_image
 from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
 from geochat.model.config import AssistantConfig, offline_default_config
 from geochat.model.processor import to_pixel_values
@@ -179,7 +173,7 @@ class GeoChat:
             _check_max_new_tokens(max_new_tokens)
         task = Task(task) if task is not None else Task.CHAT
         loaded = self._load(image, bands, sensor)
-        region_box = self._region_box(region, loaded) if region is not None else None
+        region_box = region_to_grid(region, loaded) if region is not None else None
         if task is Task.IDENTIFY and region_box is None:
             raise GeoChatError("the identify task needs a region: pass --region x1,y1,x2,y2 (pixels)")
         # Documentation helps answer questions, not locate or describe pixels: only chat turns retrieve
@@ -210,7 +204,7 @@ class GeoChat:
         ttft = (streamer.first_token_at or time.perf_counter()) - gen_start + encode_s
         reasoning, final = split_reasoning(raw) if cot else (None, raw)
         boxes = parse_boxes(raw)
-        box_results, geojson = self._georeference(boxes, loaded)
+        box_results, geojson = georeference(boxes, loaded)
         return Answer(
             answer=strip_grounding(final),
             reasoning=strip_grounding(reasoning) if reasoning else None,
@@ -297,20 +291,6 @@ class GeoChat:
             return image
         return load_image(image, bands=bands, sensor=sensor)
 
-    def _region_box(self, region: Sequence[float], loaded: LoadedImage | None) -> Box:
-        if loaded is None:
-            raise GeoChatError("a region needs an image")
-        if len(region) not in (4, 5):
-            raise GeoChatError("a region is x1,y1,x2,y2 or x1,y1,x2,y2,theta in pixels")
-        if not all(math.isfinite(float(v)) for v in region):
-            raise GeoChatError(f"region {list(region)} holds a value that is not a finite number")
-        x1, y1, x2, y2 = region[:4]
-        w, h = loaded.info.width, loaded.info.height
-        if not (0 <= min(x1, x2) and max(x1, x2) <= w and 0 <= min(y1, y2) and max(y1, y2) <= h):
-            raise GeoChatError(f"region {list(region)} lies outside the image ({w}×{h} pixels)")
-        theta = region[4] if len(region) == 5 else 0.0
-        return pixel_box_to_grid(x1, y1, x2, y2, w, h, theta)
-
     def _session(self, loaded: LoadedImage | None) -> tuple[float, _Session]:
         """The session of this image (text-only questions share one), encoding the image once."""
         if loaded is None:
@@ -384,40 +364,6 @@ class GeoChat:
         streamer.cut_short = len(new) >= max_new_tokens and new[-1] not in ends
         text = str(a.tokenizer.decode(new, skip_special_tokens=True))
         return text.strip()
-
-    def _georeference(
-        self, boxes: Sequence[Box], loaded: LoadedImage | None
-    ) -> tuple[list[BoxResult], dict[str, Any] | None]:
-        if not boxes or loaded is None:
-            return [], None
-        info = loaded.info
-        w, h = info.width, info.height
-        # one box per object and phrase: a box over much the same ground as a larger one (IoU >= 0.5), such as
-        # the same box said twice or walked a step at a time, is dropped, as detectors' NMS does
-        distinct = {id(b) for _, b in merge_boxes([(b.phrase, b) for b in boxes])}
-        results, polygons, kept = [], [], []
-        for box in (b for b in boxes if id(b) in distinct):
-            # the model sees a square with the image centred in it: a box in the padding is off the image (and
-            # a latitude past 90°), one that runs into it is cut at the image's edge
-            # (`pixel` of a turned box stays the model's rectangle; its polygon and GeoJSON are cut)
-            polygon = clip_to_frame(box_to_pixel_polygon(box, w, h), w, h)
-            if not polygon:  # off the image, or all but a sliver of it
-                continue
-            (x1, y1), (x2, y2) = grid_to_pixel([(box.x1, box.y1), (box.x2, box.y2)], w, h)
-            if box.theta == 0:
-                x1, x2 = sorted(min(max(v, 0.0), float(w)) for v in (x1, x2))
-                y1, y2 = sorted(min(max(v, 0.0), float(h)) for v in (y1, y2))
-            pixel = (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta)
-            lonlat = pixel_to_lonlat(info, polygon)
-            ring = [*lonlat, lonlat[0]] if lonlat is not None else None
-            results.append(BoxResult(box.phrase, pixel, ring))
-            polygons.append(polygon)
-            kept.append(box)
-        if not results:
-            return [], None
-        properties = [{"phrase": b.phrase, "pixel": list(r.pixel)} for b, r in zip(kept, results, strict=True)]
-        return results, polygons_to_geojson(polygons, info, properties)
-
 
 def prompt_ids(a: Assistant, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
     """Token ids of a conversation as the model sees it (training builds its samples with this too).

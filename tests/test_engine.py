@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from geochat import GeoChat, GeoChatError, Turn
-from geochat.grounding import Box, format_grounded
+from geochat.georeference import georeference
+from geochat.grounding import Box, format_grounded, parse_boxes
 from geochat.imagery import load_image
 from tests.tiny import tiny_config
 
@@ -85,7 +86,7 @@ def test_text_only_question(gc: GeoChat) -> None:
 def test_boxes_are_georeferenced(gc: GeoChat, geotiffs: dict[str, Path]) -> None:
     loaded = load_image(geotiffs["rect_600x300_utm.tif"])
     raw = format_grounded([("the field", [Box(0, 25, 100, 75)])])  # the whole real image on the padded grid
-    boxes, geojson = gc._georeference(__import__("geochat.grounding", fromlist=["parse_boxes"]).parse_boxes(raw), loaded)
+    boxes, geojson = georeference(parse_boxes(raw), loaded)
     assert boxes[0].phrase == "the field"
     np.testing.assert_allclose(boxes[0].pixel[:4], (0, 0, 600, 300), atol=1e-6)
     assert geojson is not None and geojson["type"] == "FeatureCollection"
@@ -105,7 +106,7 @@ def test_boxes_off_the_image_are_dropped_and_boxes_across_its_edge_are_cut(gc: G
     raw = format_grounded([("in the padding", [Box(10, 2, 40, 20)]),  # wholly above the image
                            ("across the top edge", [Box(10, 15, 40, 45)]),
                            ("inside", [Box(50, 40, 60, 60)]), ("inside", [Box(50, 40, 60, 60)])])  # said twice
-    boxes, geojson = gc._georeference(parse_boxes(raw), loaded)
+    boxes, geojson = georeference(parse_boxes(raw), loaded)
     assert [b.phrase for b in boxes] == ["across the top edge", "inside"]
     edge = boxes[0].pixel
     assert edge[1] == 0 and edge[3] == pytest.approx((45 - 25) / 50 * 300) and edge[4] == 0
@@ -115,17 +116,17 @@ def test_boxes_off_the_image_are_dropped_and_boxes_across_its_edge_are_cut(gc: G
         ring = feature["geometry"]["coordinates"][0]
         assert all(west - 1e-6 <= x <= east + 1e-6 and south - 1e-6 <= y <= north + 1e-6 for x, y in ring)
     # a rotated box across the edge is cut there too (its ring has more corners than four, all inside)
-    turned, _ = gc._georeference(parse_boxes(format_grounded([("turned", [Box(10, 15, 40, 45, 30.0)])])), loaded)
+    turned, _ = georeference(parse_boxes(format_grounded([("turned", [Box(10, 15, 40, 45, 30.0)])])), loaded)
     assert turned and turned[0].polygon_lonlat is not None
     assert all(south - 1e-6 <= y <= north + 1e-6 for _, y in turned[0].polygon_lonlat)
-    only_off, none = gc._georeference(parse_boxes(format_grounded([("off", [Box(0, 0, 100, 10)])])), loaded)
+    only_off, none = georeference(parse_boxes(format_grounded([("off", [Box(0, 0, 100, 10)])])), loaded)
     assert only_off == [] and none is None
-    sliver, _ = gc._georeference(parse_boxes(format_grounded([("sliver", [Box(10, 0, 40, 25.5)])])), loaded)
+    sliver, _ = georeference(parse_boxes(format_grounded([("sliver", [Box(10, 0, 40, 25.5)])])), loaded)
     assert sliver == []  # all but 2 % of it in the padding
     # one box per object: a box walked a step at a time is kept once (the largest), apart objects all stay,
     # and the same ground under another phrase is another answer
     walked = [Box(20, 30, 50, 60), Box(21, 31, 51, 61), Box(22, 31, 51, 62), Box(60, 30, 80, 50)]
-    kept, _ = gc._georeference(parse_boxes(format_grounded([("tank", walked), ("pier", [Box(20, 30, 50, 60)])])), loaded)
+    kept, _ = georeference(parse_boxes(format_grounded([("tank", walked), ("pier", [Box(20, 30, 50, 60)])])), loaded)
     assert [(b.phrase, b.pixel[0]) for b in kept] == [("tank", 120.0), ("tank", 360.0), ("pier", 120.0)]
 
 
