@@ -10,12 +10,14 @@ speed-up. Greedy decoding both ways; `same_answers` says how many of the N answe
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from report import print_results  # noqa: E402  (benchmarks/report.py, beside this script)
+
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "rsicd" / "images"
 
 
@@ -56,11 +58,7 @@ def main() -> int:
         "speedup": round(single_s / batch_s, 2),
         "same_answers": sum(a == b for a, b in zip(single, batched, strict=True)),
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>26}: {value}")
+    print_results(result, args.json)
     return 0
 
 

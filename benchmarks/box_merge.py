@@ -10,13 +10,15 @@ bookkeeping after the model has answered every tile, which must stay small besid
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from report import print_results  # noqa: E402  (benchmarks/report.py, beside this script)
+
 sys.path.insert(0, str(REPO))
 
 from geochat.grounding import Box, merge_boxes  # noqa: E402
@@ -46,11 +48,7 @@ def main() -> int:
     t2 = time.perf_counter()
     results = {"tiles": len(tiles), "boxes": len(pieces), "cut": sum(p[3] for p in pieces), "after_join": len(joined),
                "after_merge": len(merged), "join_s": round(t1 - t0, 3), "merge_s": round(t2 - t1, 3)}
-    if args.json:
-        print(json.dumps(results))
-    else:
-        for key, value in results.items():
-            print(f"{key:12s} {value}")
+    print_results(results, args.json)
     return 0
 
 

@@ -11,12 +11,14 @@ re-prefilling everything each turn, is ~1.0 — measured here too as `plain_turn
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+from report import print_results  # noqa: E402  (benchmarks/report.py, beside this script)
+
 DEFAULT_IMAGE = REPO / "examples" / "landsat_rgb_utm18.tif"
 QUESTIONS = ("Describe this image.", "Is there any water?", "What is the ground resolution?")
 
@@ -62,11 +64,7 @@ def main() -> int:
         "plain_turn2_over_turn1": round(plain_turn2.timings.ttft_s / answers[0].timings.ttft_s, 3),
         "model": answers[0].model.name,
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>24}: {value}")
+    print_results(result, args.json)
     return 0
 
 

@@ -10,7 +10,6 @@ inputs (the cost does not depend on the content).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -19,6 +18,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+from report import print_results  # noqa: E402  (benchmarks/report.py, beside this script)
+
 sys.path.insert(0, str(REPO))
 
 from geochat.train.dual_encoder import RETRIEVAL_DIR, load_tower, tower_embedding, tower_weights  # noqa: E402
@@ -46,11 +48,7 @@ def main() -> int:
                 tower_embedding(tower, pixels, views)
                 times.append((time.perf_counter() - start) / args.batch * 1000)
             results[f"{name}, {views} view(s), ms/image"] = round(statistics.median(times), 1)
-    if args.json:
-        print(json.dumps(results))
-    else:
-        for key, value in results.items():
-            print(f"{key}: {value}")
+    print_results(results, args.json)
     return 0
 
 

@@ -13,7 +13,6 @@ Files are generated in a temporary directory (seeded); the best of `--repeats` r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,9 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 REPO = Path(__file__).resolve().parents[1]
+
+from report import print_results  # noqa: E402  (benchmarks/report.py, beside this script)
+
 sys.path.insert(0, str(REPO))
 
 from geochat.imagery import load_image, read_window  # noqa: E402
@@ -77,11 +79,7 @@ def main() -> int:
         results["sparse_2.5e9_overview_s"] = best_of(args.repeats, lambda: load_image(sparse, max_pixels=TILED_MAX_PIXELS))
         results["sparse_tile_16384_to_1024_s"] = best_of(
             args.repeats, lambda: read_window(sparse, (16_384, 16_384, 16_384, 16_384), out_size=1024))
-    if args.json:
-        print(json.dumps(results))
-    else:
-        for key, value in results.items():
-            print(f"{key:32s} {value}")
+    print_results(results, args.json)
     return 0
 
 
