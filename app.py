@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes warns on every start on a CPU that its optional fast 4-bit kernels (the `kernels` package)
     # are missing; 4/8-bit loading works without them, so the log would only carry noise
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # peft probes transformers' renamed `is_gradient_checkpointing` when it wraps the model: a FutureWarning at
+    # every start that no user can act on (peft's to change)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     import uvicorn
 
     from geochat.engine import GeoChat
