@@ -11,8 +11,16 @@ from typing import Any
 
 from geochat.answer import BoxResult
 from geochat.errors import GeoChatError
-from geochat.grounding import Box, box_to_pixel_polygon, clip_to_frame, grid_to_pixel, merge_boxes, pixel_box_to_grid
-from geochat.imagery import LoadedImage, pixel_to_lonlat, polygons_to_geojson
+from geochat.grounding import (
+    Box,
+    Point,
+    box_to_pixel_polygon,
+    clip_to_frame,
+    grid_to_pixel,
+    merge_boxes,
+    pixel_box_to_grid,
+)
+from geochat.imagery import LoadedImage, RasterInfo, pixel_to_lonlat, polygons_to_geojson
 
 
 def region_to_grid(region: Sequence[float], loaded: LoadedImage | None) -> Box:
@@ -41,7 +49,7 @@ def georeference(boxes: Sequence[Box], loaded: LoadedImage | None) -> tuple[list
     # one box per object and phrase: a box over much the same ground as a larger one (IoU >= 0.5), such as
     # the same box said twice or walked a step at a time, is dropped, as detectors' NMS does
     distinct = {id(b) for _, b in merge_boxes([(b.phrase, b) for b in boxes])}
-    results, polygons, kept = [], [], []
+    located = []
     for box in (b for b in boxes if id(b) in distinct):
         # the model sees a square with the image centred in it: a box in the padding is off the image (and
         # a latitude past 90°), one that runs into it is cut at the image's edge
@@ -53,13 +61,19 @@ def georeference(boxes: Sequence[Box], loaded: LoadedImage | None) -> tuple[list
         if box.theta == 0:
             x1, x2 = sorted(min(max(v, 0.0), float(w)) for v in (x1, x2))
             y1, y2 = sorted(min(max(v, 0.0), float(h)) for v in (y1, y2))
-        pixel = (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta)
+        located.append((box.phrase, (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), box.theta), polygon))
+    return box_results(located, info)
+
+
+def box_results(boxes: Sequence[tuple[str | None, tuple[float, float, float, float, float], list[Point]]],
+                info: RasterInfo) -> tuple[list[BoxResult], dict[str, Any] | None]:
+    """(phrase, pixel box, its pixel polygon) → `BoxResult`s with EPSG:4326 rings where the raster is
+    georeferenced, and their GeoJSON FeatureCollection (None without boxes)."""
+    results = []
+    for phrase, pixel, polygon in boxes:
         lonlat = pixel_to_lonlat(info, polygon)
-        ring = [*lonlat, lonlat[0]] if lonlat is not None else None
-        results.append(BoxResult(box.phrase, pixel, ring))
-        polygons.append(polygon)
-        kept.append(box)
+        results.append(BoxResult(phrase, pixel, [*lonlat, lonlat[0]] if lonlat else None))
     if not results:
         return [], None
-    properties = [{"phrase": b.phrase, "pixel": list(r.pixel)} for b, r in zip(kept, results, strict=True)]
-    return results, polygons_to_geojson(polygons, info, properties)
+    properties = [{"phrase": r.phrase, "pixel": list(r.pixel)} for r in results]
+    return results, polygons_to_geojson([polygon for *_, polygon in boxes], info, properties)

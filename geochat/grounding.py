@@ -317,37 +317,39 @@ def _clip_convex(subject: list[Point], clip: list[Point]) -> list[Point]:
 def clip_to_frame(polygon: Sequence[Point], width: int, height: int, keep: float = 0.1) -> list[Point]:
     """The part of a convex pixel polygon inside the image (0..width × 0..height); [] when less than `keep`
     of its area is inside (a box the model put in the padding of its square input, or all but a sliver)."""
-    frame = [(0.0, 0.0), (float(width), 0.0), (float(width), float(height)), (0.0, float(height))]
     points = [(float(x), float(y)) for x, y in polygon]
-    inside = _clip_convex(points, frame)
-    area = abs(_signed_area(inside)) if len(inside) >= 3 else 0.0
-    return inside if area > 0 and area >= keep * abs(_signed_area(points)) else []
+    inside = _clip_convex(points, _rectangle(0.0, 0.0, float(width), float(height)))
+    area = _area(inside)
+    return inside if area > 0 and area >= keep * _area(points) else []
 
 
 def rotated_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two rotated rectangles (0 when both are degenerate)."""
-    pa, pb = a.corners(), b.corners()
-    area_a, area_b = abs(_signed_area(pa)), abs(_signed_area(pb))
-    if area_a == 0.0 or area_b == 0.0:
-        return 0.0
-    inter_poly = _clip_convex(pa, pb)
-    inter = abs(_signed_area(inter_poly)) if len(inter_poly) >= 3 else 0.0
-    union = area_a + area_b - inter
-    return max(0.0, min(1.0, inter / union)) if union > 0 else 0.0
+    """Intersection over union of two rotated rectangles (0 when either is degenerate)."""
+    return _polygon_iou(a.corners(), b.corners())
 
 
 def iou_within(a: Box, b: Box, region: tuple[float, float, float, float]) -> float:
     """IoU of the parts of two rotated rectangles inside `region` (x1, y1, x2, y2); 0 when either has none."""
-    x1, y1, x2, y2 = region
-    frame = [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
-    pa, pb = _clip_convex(a.corners(), frame), _clip_convex(b.corners(), frame)
-    if len(pa) < 3 or len(pb) < 3:
+    frame = _rectangle(*region)
+    return _polygon_iou(_clip_convex(a.corners(), frame), _clip_convex(b.corners(), frame))
+
+
+def _polygon_iou(pa: list[Point], pb: list[Point]) -> float:
+    """Intersection over union of two convex polygons (0 when either has no area)."""
+    area_a, area_b = _area(pa), _area(pb)
+    if area_a == 0.0 or area_b == 0.0:
         return 0.0
-    area_a, area_b = abs(_signed_area(pa)), abs(_signed_area(pb))
-    inter_poly = _clip_convex(pa, pb)
-    inter = abs(_signed_area(inter_poly)) if len(inter_poly) >= 3 else 0.0
+    inter = _area(_clip_convex(pa, pb))
     union = area_a + area_b - inter
     return max(0.0, min(1.0, inter / union)) if union > 0 else 0.0
+
+
+def _area(polygon: Sequence[Point]) -> float:
+    return abs(_signed_area(polygon)) if len(polygon) >= 3 else 0.0
+
+
+def _rectangle(x1: float, y1: float, x2: float, y2: float) -> list[Point]:
+    return [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
 
 
 def min_area_rectangle(points: Sequence[Point]) -> list[Point]:
@@ -397,11 +399,12 @@ def box_extent(box: Box) -> tuple[float, float, float, float]:
 
 
 class BoxGrid:
-    """Which boxes may overlap a given one: extents hashed into square cells, so that comparing thousands of
-    boxes (a tiled run over a large scene) looks at neighbours only, not at every pair."""
+    """Which boxes may overlap a given one: extents (`box_extent`) hashed into square cells sized from the
+    extents it is made with, so that comparing thousands of boxes (a tiled run over a large scene) looks at
+    neighbours only, not at every pair."""
 
-    def __init__(self, boxes: Sequence[Box]) -> None:
-        sides = sorted(max(e[2] - e[0], e[3] - e[1]) for e in map(box_extent, boxes)) or [1.0]
+    def __init__(self, extents: Sequence[tuple[float, float, float, float]]) -> None:
+        sides = sorted(max(e[2] - e[0], e[3] - e[1]) for e in extents) or [1.0]
         # about the typical box, but coarse enough that the largest one spans at most 64 cells a side
         self.cell = max(1.0, sides[len(sides) // 2], sides[-1] / 64)
         self._cells: dict[tuple[int, int], list[int]] = {}
@@ -427,10 +430,10 @@ def merge_boxes(boxes: Sequence[tuple[str | None, Box]], iou_threshold: float = 
     if not iou_threshold > 0:
         raise ValueError(f"iou_threshold must be above 0, got {iou_threshold}")  # boxes apart have IoU 0
     order = sorted(boxes, key=lambda pb: -(pb[1].x2 - pb[1].x1) * (pb[1].y2 - pb[1].y1))
-    grid = BoxGrid([b for _, b in order])
+    extents = [box_extent(b) for _, b in order]
+    grid = BoxGrid(extents)
     kept: list[tuple[str | None, Box]] = []
-    for phrase, box in order:
-        extent = box_extent(box)
+    for (phrase, box), extent in zip(order, extents, strict=True):
         if all(kept[i][0] != phrase or rotated_iou(box, kept[i][1]) < iou_threshold for i in grid.near(extent)):
             grid.add(len(kept), extent)
             kept.append((phrase, box))

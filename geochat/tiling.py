@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geochat.answer import Answer, BoxResult, Timings
+from geochat.answer import Answer, Timings
 from geochat.errors import GeoChatError
+from geochat.georeference import box_results
 from geochat.grounding import (
     Box,
     BoxGrid,
@@ -28,7 +29,7 @@ from geochat.grounding import (
     min_area_rectangle,
     polygon_to_rotated_box,
 )
-from geochat.imagery import LoadedImage, load_image, pixel_to_lonlat, polygons_to_geojson, read_window
+from geochat.imagery import LoadedImage, load_image, read_window
 from geochat.imagery.raster import TILED_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ def join_cut_boxes(pieces: Sequence[tuple[str | None, Box, Tile, bool]]) -> list
         return i
 
     extents = [box_extent(box) for _, box, _, _ in pieces]
-    grid = BoxGrid([box for _, box, _, _ in pieces])
+    grid = BoxGrid(extents)
     for i, extent in enumerate(extents):
         grid.add(i, extent)
     for i, (phrase, a, tile, cut) in enumerate(pieces):
@@ -169,18 +170,13 @@ def chat_tiled(
             box = Box(t.col + x1 * scale, t.row + y1 * scale, t.col + x2 * scale, t.row + y2 * scale, theta)
             found.append((result.phrase, box, t, cut_edges(box, t, info.width, info.height)))
     merged = merge_boxes(join_cut_boxes(found))
-    polygons = [b.corners() for _, b in merged]
-    results = []
-    for (phrase, b), polygon in zip(merged, polygons, strict=True):
-        lonlat = pixel_to_lonlat(info, polygon)
-        results.append(BoxResult(phrase, (b.x1, b.y1, b.x2, b.y2, b.theta), [*lonlat, lonlat[0]] if lonlat else None))
-    properties = [{"phrase": p, "pixel": [b.x1, b.y1, b.x2, b.y2, b.theta]} for p, b in merged]
+    results, geojson = box_results([(p, (b.x1, b.y1, b.x2, b.y2, b.theta), b.corners()) for p, b in merged], info)
     return Answer(
         answer=" ".join(texts),
         reasoning=None,
         task=task,
         boxes=results,
-        geojson=polygons_to_geojson(polygons, info, properties) if polygons else None,
+        geojson=geojson,
         facts=overview.facts,
         sources=[],
         model=gc.model_info,

@@ -72,26 +72,25 @@ def run_vqa(args: argparse.Namespace) -> int:
         raise GeoChatError(f"not found: {args.rsicd}")
     if args.limit is not None and args.limit < 1:
         raise GeoChatError(f"--limit must be at least 1, got {args.limit}")
-    try:
-        counts = build_presence_vqa(args.out, args.rsicd, args.split, args.seed, args.limit)
-    except ValueError as exc:
-        raise GeoChatError(str(exc)) from exc
+    counts = build_presence_vqa(args.out, args.rsicd, args.split, args.seed, args.limit)
     print(f"{sum(counts.values())} questions written to {args.out} (yes: {counts['yes']}, no: {counts['no']}); "
           f"score them with: geochat eval vqa --annotations {args.out}", file=sys.stderr)
     return 0
 
 
 def run_ground(args: argparse.Namespace) -> int:
-    from geochat.data.instruct import build_ground
+    from geochat.data.instruct import BuildOptions, build_ground
 
     if not (args.dota or args.spacenet):
         raise GeoChatError("name at least one source: --dota or --spacenet")
     for path in [args.dota, *(args.spacenet or [])]:
         if path is not None and not path.exists():
             raise GeoChatError(f"not found: {path}")
-    if args.tile_stride is not None and not 0.05 <= args.tile_stride <= 1:
-        raise GeoChatError(f"--tile-stride must be in [0.05, 1] (a fraction of the tile), got {args.tile_stride}")
-    counts = build_ground(args.out, args.dota, tuple(args.spacenet) if args.spacenet else None, args.tile_stride)
+    try:
+        stride = BuildOptions(tile_stride=args.tile_stride).tile_stride  # the tiles are build-instruct's: its check
+    except ValueError as exc:
+        raise GeoChatError(str(exc)) from exc
+    counts = build_ground(args.out, args.dota, tuple(args.spacenet) if args.spacenet else None, stride)
     print(f"{sum(counts.values())} rows written to {args.out} ({', '.join(f'{k}: {v}' for k, v in counts.items())}); "
           f"score them with: geochat eval ground --annotations {args.out}", file=sys.stderr)
     return 0

@@ -354,7 +354,7 @@ def build_presence_vqa(out: Path, rsicd: Path, split: str = "test", seed: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     items = load_rsicd(rsicd, split)
     if not items:
-        raise ValueError(f"{rsicd} has no images in the split {split!r}")
+        raise GeoChatError(f"{rsicd} has no images in the split {split!r}")
     rng = random.Random(seed)
     items = rng.sample(items, limit) if limit and limit < len(items) else items
     rows, counts = [], {"yes": 0, "no": 0}
