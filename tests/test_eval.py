@@ -117,6 +117,15 @@ def test_retrieval_recalls_both_directions() -> None:
     assert wrong["t2i_R@10"] == 1.0  # fewer than 10 images: everything is retrieved
 
 
+def test_image_offsets_reorder_images_for_a_caption_never_captions_for_an_image() -> None:
+    images = np.eye(3, dtype=np.float32)
+    captions = np.array([[0.6, 0.5, 0], [0.7, 0, 0.6], [0, 0, 1]], dtype=np.float32)  # 0 and 1 prefer image 0, a hub
+    plain = retrieval_recalls(images, captions, [1, 2, 2])
+    hub = retrieval_recalls(images, captions, [1, 2, 2], image_offsets=np.array([0.3, 0.0, 0.0]))
+    assert plain["t2i_R@1"] == pytest.approx(1 / 3) and hub["t2i_R@1"] == 1.0
+    assert hub["i2t_R@1"] == plain["i2t_R@1"]  # one offset per image: its ranking of captions is the same
+
+
 def test_grounding_accuracy_rotated_and_one_to_one() -> None:
     ref = Box(10, 10, 50, 20, 90)
     assert grounding_accuracy([[ref]], [[ref]]) == 1.0

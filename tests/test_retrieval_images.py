@@ -4,6 +4,7 @@ shipped ImageNet stem as embedder, near-duplicate queries, captions for text→i
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,42 @@ def test_trained_tower_is_swappable_and_never_mixed(
     assert main([*args, "--rebuild"]) == 0
     fresh = Retriever(IndexStore.open(StoreLocation(path=index)), k=6, text_embedder=text)
     assert fresh.similar_images(paths["rings"])[0].path == str(paths["rings"].resolve())
+
+
+def test_a_query_bank_beside_the_tower_reranks_text_search_by_hubness(tmp_path: Path, text: TextEmbedder) -> None:
+    """A tower with a query bank ranks images for a text by cosine − the bank's hubness offset, and reports
+    that score; an image that sits among many of the bank's caption keys drops below its cosine rank."""
+    from geochat.retrieval.images import TRAINED_DEFAULT_DIR, TowerEmbedder, load_rgb
+    from geochat.train.dual_encoder import QueryBank, save_query_bank
+
+    # the shipped search tower (a random tiny one embeds every image alike), without its bank
+    shutil.copytree(TRAINED_DEFAULT_DIR / "retrieval" / "vision", tmp_path / "dual" / "vision")
+    paths = make_archive(tmp_path / "images")
+    plain = TowerEmbedder(tmp_path / "dual")
+    order = sorted(paths)
+    emb = plain.embed_images([load_rgb(paths[name]) for name in order])
+    query = plain.embed_text("farmland")
+    cosine = emb @ query
+    hub = int(np.argmax(cosine))  # the plain search's first hit, made the hub of the bank's caption keys
+    gen = torch.Generator().manual_seed(1)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    keys = unit(torch.cat([torch.tensor(emb[hub]) + 0.05 * torch.randn(20, 384, generator=gen),
+                           torch.randn(20, 384, generator=gen)]))
+    save_query_bank(QueryBank(keys, unit(torch.randn(40, 384, generator=gen)), weight=0.0, hub_weight=1.0),
+                    tmp_path / "dual")  # weight 0: queries as they are, only the ranking changes
+    tower = TowerEmbedder(tmp_path / "dual")
+    assert tower.bank is not None and np.allclose(tower.embed_text("farmland"), query, atol=1e-5)
+    offsets = tower.text_offsets(emb)
+    assert offsets[hub] == offsets.max() and offsets[hub] > np.delete(offsets, hub).max() + 0.05
+    expected = np.argsort(-(cosine - offsets), kind="stable")
+    assert expected[0] != hub
+    store = IndexStore.open(StoreLocation(path=tmp_path / "index"), create=True)
+    index_images(store, tmp_path / "images", embedder=tower, text_embedder=text, progress=False)
+    hits = Retriever(IndexStore.open(StoreLocation(path=tmp_path / "index")), k=6).search_images("farmland")
+    assert [h.path for h in hits] == [str(paths[order[i]].resolve()) for i in expected]
+    assert [h.score for h in hits] == pytest.approx([float(cosine[i] - offsets[i]) for i in expected], abs=2e-3)
+    top = Retriever(IndexStore.open(StoreLocation(path=tmp_path / "index")), k=6).search_images("farmland", k=2)
+    assert [h.path for h in top] == [h.path for h in hits[:2]]  # k below the pool: the same head
 
 
 def test_caption_edits_reindex_and_a_bad_sidecar_is_one_failed_file(tmp_path: Path, stem: StemEmbedder,

@@ -66,9 +66,14 @@ def recall_at_k(similarity: np.ndarray, relevant: Sequence[set[int]], ks: Sequen
     return out
 
 
-def retrieval_recalls(image_emb: np.ndarray, caption_emb: np.ndarray, caption_image: Sequence[int]) -> dict[str, float]:
-    """`t2i_R@K` and `i2t_R@K` for unit-vector embeddings; `caption_image[j]` = image of caption j."""
+def retrieval_recalls(image_emb: np.ndarray, caption_emb: np.ndarray, caption_image: Sequence[int],
+                      image_offsets: np.ndarray | None = None) -> dict[str, float]:
+    """`t2i_R@K` and `i2t_R@K` for unit-vector embeddings; `caption_image[j]` = image of caption j.
+    `image_offsets` (n_images,) are subtracted from every score of their image (a search tower's hubness
+    correction): they reorder the images for a caption, never the captions for an image."""
     sim = caption_emb @ image_emb.T  # (captions, images)
+    if image_offsets is not None:
+        sim = sim - np.asarray(image_offsets)[None, :]
     t2i = recall_at_k(sim, [{i} for i in caption_image])
     captions_of: list[set[int]] = [set() for _ in range(image_emb.shape[0])]
     for j, i in enumerate(caption_image):

@@ -149,8 +149,10 @@ def retrieve(rows: Sequence[Row], dual: Any, progress: bool = True) -> EvalResul
     image_emb = dual.embed_images([_rgb_of(p) for p in tqdm(paths, desc="images", disable=not progress)])
     captions = [c for p in paths for c in images[p]]
     caption_image = [i for i, p in enumerate(paths) for _ in images[p]]
-    caption_emb = dual.embed_queries(captions)  # the search path: expanded where the tower has a query bank
-    return EvalResult({"task": "retrieve", "n": len(paths), **retrieval_recalls(image_emb, caption_emb, caption_image)})
+    caption_emb = dual.embed_queries(captions)  # the search path: expanded where the tower has a query bank,
+    offsets = dual.image_offsets(image_emb)  # and its images ranked with the bank's hubness correction
+    recalls = retrieval_recalls(image_emb, caption_emb, caption_image, offsets)
+    return EvalResult({"task": "retrieve", "n": len(paths), **recalls})
 
 
 def caption(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:

@@ -74,6 +74,8 @@ class ImageEmbedder(Protocol):
 
     def embed_text(self, text: str) -> np.ndarray: ...  # (dim,), only where has_text_side
 
+    def text_offsets(self, emb: np.ndarray) -> np.ndarray: ...  # (n,) subtracted from text-query scores of (n, dim)
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
@@ -115,6 +117,9 @@ class StemEmbedder:
 
     def embed_text(self, text: str) -> np.ndarray:
         raise GeoChatError(f"the {self.name} image embedder has no text side; search the captions instead")
+
+    def text_offsets(self, emb: np.ndarray) -> np.ndarray:
+        return np.zeros(len(emb), np.float32)
 
 
 class TowerEmbedder:
@@ -165,6 +170,10 @@ class TowerEmbedder:
     def embed_text(self, text: str) -> np.ndarray:
         query = self._text.embed_query(text)
         return query if self.bank is None else self.bank.expand(query[None])[0]
+
+    def text_offsets(self, emb: np.ndarray) -> np.ndarray:
+        """The query bank's hubness correction of these image embeddings (zeros without a bank)."""
+        return np.zeros(len(emb), np.float32) if self.bank is None else self.bank.image_offsets(emb)
 
 
 def image_embedder_from_name(name: str) -> ImageEmbedder:

@@ -2,7 +2,9 @@
 
 `GeoChat.retriever` is a `Retriever`; `chat()` calls `search(question)` and puts the passages in the
 prompt as quoted, delimited data (`geochat.prompting.render_passages`). Scores are cosine
-similarities (1 - chromadb's cosine distance), higher is closer.
+similarities (1 - chromadb's cosine distance), higher is closer; a search tower with a query bank lowers
+each image's text-query score by its hubness offset (`QueryBank.image_offsets`: a few hundredths either
+way), which re-ranks the RERANK_POOL nearest images.
 
 Image queries use the embedder recorded in the images collection, never the current default, so a
 query vector always lives in the same space as the stored ones; a tower whose weights changed since
@@ -14,6 +16,7 @@ through the MiniLM embeddings of the images' captions.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +32,7 @@ from geochat.retrieval.store import CAPTIONS, DOCS, IMAGES, CorruptIndexError, I
 from geochat.retrieval.text import TextEmbedder
 
 DEFAULT_K = 4
+RERANK_POOL = 100  # nearest images by cosine that a search tower's hubness correction re-ranks
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ class Retriever:
             return []
         embedder = self.image_embedder
         if embedder is not None and embedder.has_text_side:
-            return self._query_images(self._images, embedder.embed_text(text), k)
+            return self._query_images(self._images, embedder.embed_text(text), k, embedder.text_offsets)
         if self._captions is None:
             return []
         return self._query_images(self._captions, self.text_embedder.embed_query(text), k)
@@ -150,22 +154,32 @@ class Retriever:
         rgb = load_rgb(Path(image)) if isinstance(image, (str, Path)) else image
         return self._query_images(self._images, embedder.embed_images([rgb])[0], k)
 
-    def _query_images(self, col: Any, vector: np.ndarray, k: int | None) -> list[ImageHit]:
+    def _query_images(self, col: Any, vector: np.ndarray, k: int | None,
+                      offsets: Callable[[np.ndarray], np.ndarray] | None = None) -> list[ImageHit]:
+        """The k nearest records by cosine. With `offsets` (embeddings → per-image score offsets, the search
+        tower's hubness correction) the RERANK_POOL nearest (at least 10·k) are ranked by cosine − offset,
+        the score reported."""
         n = col.count()
         if n == 0:
             return []
-        res = col.query(query_embeddings=[vector.tolist()], n_results=min(k or self.k, n),
-                        include=["metadatas", "distances"])
-        ids = res["ids"][0]
+        k = min(k or self.k, n)
+        pool = min(max(RERANK_POOL, 10 * k), n) if offsets else k
+        res = col.query(query_embeddings=[vector.tolist()], n_results=pool,
+                        include=["metadatas", "distances", *(["embeddings"] if offsets else [])])
+        ids, metas = res["ids"][0], res["metadatas"][0]
+        scores = 1.0 - np.asarray(res["distances"][0], dtype=np.float64)  # cosine
+        if offsets is not None:
+            scores = scores - offsets(np.asarray(res["embeddings"][0], dtype=np.float32))
+        order = np.argsort(-scores, kind="stable")[:k]
         by_id: dict[str, Any] = {}
         if col is not self._images and self._images is not None:
             # Caption hits point at their image's record, which holds the full metadata.
-            records = self._images.get(ids=ids, include=["metadatas"])
+            records = self._images.get(ids=[ids[i] for i in order], include=["metadatas"])
             by_id = dict(zip(records["ids"], records["metadatas"], strict=True))
         hits = []
-        for rid, meta, dist in zip(ids, res["metadatas"][0], res["distances"][0], strict=True):
-            meta = by_id.get(rid, meta) or {}
-            hits.append(ImageHit(path=str(meta.get("path", "")), score=round(1.0 - float(dist), 4),
+        for i in order:
+            meta = by_id.get(ids[i], metas[i]) or {}
+            hits.append(ImageHit(path=str(meta.get("path", "")), score=round(float(scores[i]), 4),
                                  metadata=public_image_metadata(meta)))
         return hits
 
