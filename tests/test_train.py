@@ -229,7 +229,8 @@ def test_query_bank_pulls_a_query_toward_the_images_of_captions_like_it(tmp_path
     with pytest.raises(ValueError, match="one shape"):
         QueryBank(keys, values[:, :10])
     save_file(tensors, str(bad), metadata={k: v for k, v in meta.items() if not k.startswith("hub_")})
-    assert (QueryBank.load(bad).hub_weight, QueryBank.load(bad).hub_beta) == (0.75, 30.0)  # older banks: today's
+    old = QueryBank.load(bad)
+    assert (old.hub_weight, old.hub_beta, old.hub_floor) == (0.75, 30.0, -0.05)  # older banks: today's
     save_file(tensors, str(bad), metadata={**meta, "hub_beta": "0"})
     with pytest.raises(ModelLoadError, match="hub_beta > 0"):
         QueryBank.load(bad)
@@ -244,16 +245,22 @@ def test_query_bank_lowers_images_crowded_by_its_caption_keys() -> None:
     unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
     hub, alone = unit(torch.randn(2, 384, generator=gen))
     keys = unit(torch.cat([hub + 0.3 * unit(torch.randn(30, 384, generator=gen)), torch.randn(30, 384, generator=gen)]))
-    values = unit(torch.randn(60, 384, generator=gen))
-    bank = QueryBank(keys, values, hub_weight=0.75, hub_beta=30.0)
+    values = unit(keys + 0.3 * unit(torch.randn(60, 384, generator=gen)))  # training images beside their captions
+    bank = QueryBank(keys, values, hub_weight=0.75, hub_beta=30.0, hub_floor=-0.05)
     offsets = bank.image_offsets(torch.stack([hub, alone]).numpy())
-    assert offsets.shape == (2,) and offsets[0] > offsets[1] + 0.3
-    assert abs(float(bank.image_offsets(values.numpy()).mean())) < 1e-5  # the bank's own images: centred at 0
+    assert offsets.shape == (2,) and offsets[0] > 0.04 and offsets[0] > offsets[1] + 0.05
+    assert offsets[1] == pytest.approx(0.75 * -0.05)  # an empty neighbourhood lifts an image by at most this
+    unfloored = QueryBank(keys, values, hub_weight=0.75, hub_beta=30.0, hub_floor=-float("inf"))
+    assert abs(float(unfloored.image_offsets(values.numpy()).mean())) < 1e-5  # the bank's own images: centred at 0
     crowding = torch.logsumexp(30 * torch.stack([hub, alone]) @ keys.T, dim=1) / 30
-    assert offsets[0] - offsets[1] == pytest.approx(0.75 * float(crowding[0] - crowding[1]), abs=1e-5)
+    free = unfloored.image_offsets(torch.stack([hub, alone]).numpy())
+    assert free[0] == pytest.approx(offsets[0]) and free[1] < offsets[1]
+    assert free[0] - free[1] == pytest.approx(0.75 * float(crowding[0] - crowding[1]), abs=1e-5)
     assert not QueryBank(keys, values, hub_weight=0.0).image_offsets(values.numpy()).any()
     with pytest.raises(ValueError, match="hub_weight >= 0"):
         QueryBank(keys, values, hub_weight=-1.0)
+    with pytest.raises(ValueError, match="hub_floor <= 0"):
+        QueryBank(keys, values, hub_floor=0.1)
 
 
 def test_image_embedding_is_the_same_for_every_quarter_turn() -> None:

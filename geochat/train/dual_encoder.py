@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -165,11 +165,13 @@ class QueryBank:
 
     The keys also correct hubness on the image side (`image_offsets`): some images sit close to many captions
     and would top the results of any query like them. A text query ranks image z by cos(q', z) minus
-    hub_weight · (LSE_β(cos(z, key_i)) / β − c), where LSE_β is the log-sum-exp of β · cosine over all keys
-    (a soft maximum: how crowded the image's neighbourhood of training captions is) and c its mean over the
-    bank's own image rows, so corrected scores stay on the cosine scale. One offset per image: it leaves an
-    image's ranking of labels or captions alone. β 30 and weight 0.75 are the best of a grid on RSICD val with
-    the shipped tower and bank (β 10-50, weight 0.25-1; MODEL_CARD.md).
+    hub_weight · max(LSE_β(cos(z, key_i)) / β − c, hub_floor), where LSE_β is the log-sum-exp of β · cosine
+    over all keys (a soft maximum: how crowded the image's neighbourhood of training captions is) and c its
+    mean over the bank's own image rows, so corrected scores stay on the cosine scale. The floor bounds the
+    lift of an image whose neighbourhood is empty: a scene unlike every training caption (another sensor, a
+    map) would otherwise climb over better matches for no reason but its strangeness. One offset per image:
+    it leaves an image's ranking of labels or captions alone. β 30, weight 0.75 and floor -0.05 are the best
+    of grids on RSICD val with the shipped tower and bank (β 10-50, weight 0.25-1, floor -0.1-0; MODEL_CARD.md).
     """
 
     keys: torch.Tensor
@@ -181,6 +183,7 @@ class QueryBank:
     tower: str = ""
     hub_weight: float = 0.75
     hub_beta: float = 30.0
+    hub_floor: float = -0.05
 
     def __post_init__(self) -> None:
         if self.keys.ndim != 2 or self.keys.shape != self.values.shape or not len(self.keys):
@@ -188,9 +191,9 @@ class QueryBank:
                              "non-empty (n, D) tables of one shape")
         if self.k < 1 or not self.tau > 0 or not self.weight >= 0:
             raise ValueError(f"needs k >= 1, tau > 0 and weight >= 0 (k {self.k}, tau {self.tau}, weight {self.weight})")
-        if not self.hub_beta > 0 or not self.hub_weight >= 0:
-            raise ValueError(f"needs hub_beta > 0 and hub_weight >= 0 (hub_beta {self.hub_beta}, "
-                             f"hub_weight {self.hub_weight})")
+        if not self.hub_beta > 0 or not self.hub_weight >= 0 or not self.hub_floor <= 0:
+            raise ValueError(f"needs hub_beta > 0, hub_weight >= 0 and hub_floor <= 0 (hub_beta {self.hub_beta}, "
+                             f"hub_weight {self.hub_weight}, hub_floor {self.hub_floor})")
 
     def expand(self, queries: np.ndarray) -> np.ndarray:
         """(Q, D) unit query vectors → (Q, D) expanded unit vectors."""
@@ -205,7 +208,7 @@ class QueryBank:
         if not self.hub_weight:
             return np.zeros(len(images), np.float32)
         crowding = self._crowding(torch.tensor(np.asarray(images), dtype=torch.float32))
-        return (self.hub_weight * (crowding - self._mean_crowding)).numpy()
+        return (self.hub_weight * (crowding - self._mean_crowding).clamp(min=self.hub_floor)).numpy()
 
     def _crowding(self, images: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """(n, D) → (n,): LSE_β of the cosines to every key, / β."""
@@ -224,7 +227,7 @@ class QueryBank:
             tensors[name] = (x / scale).round().clamp(-127, 127).to(torch.int8)
             tensors[f"{name}_scale"] = scale.half()
         settings = {"k": self.k, "tau": self.tau, "weight": self.weight, "floor": self.floor, "tower": self.tower,
-                    "hub_weight": self.hub_weight, "hub_beta": self.hub_beta}
+                    "hub_weight": self.hub_weight, "hub_beta": self.hub_beta, "hub_floor": self.hub_floor}
         save_file(tensors, str(path), metadata={name: str(value) for name, value in settings.items()})
         return path
 
@@ -239,7 +242,8 @@ class QueryBank:
             keys, values = (t[n].float() * t[f"{n}_scale"].float() for n in ("keys", "values"))
             # banks written before the floor or the hubness correction get today's settings
             floor = float(meta.get("floor", cls.floor))
-            hub = float(meta.get("hub_weight", cls.hub_weight)), float(meta.get("hub_beta", cls.hub_beta))
+            default = {f.name: f.default for f in fields(cls)}
+            hub = (float(meta.get(name, default[name])) for name in ("hub_weight", "hub_beta", "hub_floor"))
             return cls(keys, values, int(meta["k"]), float(meta["tau"]), float(meta["weight"]), floor,
                        meta.get("tower", ""), *hub)
         except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
