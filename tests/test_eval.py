@@ -308,6 +308,29 @@ def test_ground_scores_boxes_in_the_raster_pixels_of_a_large_image(tmp_path: Pat
     assert np.allclose(result.predictions[0]["predicted"][0][:4], [150, 0, 750, 600], atol=1)
 
 
+def test_ground_gives_the_answer_room_for_every_box(tmp_path: Path, tiny_assistant_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scene with 12 objects: the answer must not be cut before its twelfth box (a box is 20-25 tokens)."""
+    from geochat import GeoChat
+    from geochat.eval.tasks import ground
+    from geochat.grounding import Box, format_grounded
+
+    Image.new("RGB", (100, 100), (90, 120, 60)).save(tmp_path / "scene.png")
+    grid = [Box(8 * i, 8 * i, 8 * i + 6, 8 * i + 6, -90 + i) for i in range(12)]  # pixels = grid on a 100-px square
+    (tmp_path / "ground.jsonl").write_text(json.dumps(
+        {"image": "scene.png", "phrase": "the tanks", "boxes": [[b.x1, b.y1, b.x2, b.y2, b.theta] for b in grid]}) + "\n")
+    chat = GeoChat.from_pretrained(str(tiny_assistant_dir))
+    full = format_grounded([("the tanks", grid)])
+    tok = chat.assistant.tokenizer
+
+    def generate(session: object, ids: list[int], max_new_tokens: int, *rest: object) -> str:
+        return str(tok.decode(tok(full).input_ids[:max_new_tokens]))  # what a model cut at the budget writes
+
+    monkeypatch.setattr(chat, "_generate", generate)
+    result = ground(read_annotations(tmp_path / "ground.jsonl"), chat, progress=False)
+    assert len(result.predictions[0]["predicted"]) == 12 and result.metrics["acc@0.5"] == 1.0
+
+
 def test_retrieve_merges_rows_of_one_image_and_classify_needs_two_labels(scenes: Path, tiny_tower_dir: Path,
                                                                         tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str]) -> None:

@@ -32,14 +32,14 @@ from geochat.eval.metrics import (
     retrieval_recalls,
     vqa_match,
 )
-from geochat.grounding import Box
+from geochat.grounding import Box, format_grounded
 
 log = logging.getLogger(__name__)
 
 TASKS = ("classify", "retrieve", "caption", "vqa", "ground")
 CAPTION_MAX_NEW_TOKENS = 48
 ANSWER_MAX_NEW_TOKENS = 32
-GROUND_MAX_NEW_TOKENS = 64
+GROUND_ROOM_BOXES = 12  # boxes a grounding answer has room for, at least (build-ground's cap; more if the row has more)
 EVAL_BATCH = 16  # images per batched generation
 
 
@@ -182,12 +182,20 @@ def _pixel_box(values: Sequence[float]) -> Box:
     return Box(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2), theta)
 
 
+def ground_budget(tokenizer: Any, phrase: str, boxes: int) -> int:
+    """New tokens for an answer naming `phrase` with `boxes` boxes of the widest form, in the model's own
+    tokenizer (a box takes 20-25 of SmolLM2's tokens: a fixed budget would cut answers short)."""
+    widest = Box(-100, -100, -100, -100, -90)
+    return len(tokenizer(format_grounded([(phrase, [widest] * boxes)])).input_ids) + 8  # + end of turn, spaces
+
+
 def ground(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
     predicted, reference, preds = [], [], []
     for r in tqdm(rows, desc="ground", disable=not progress):
         # the file, not a decoded view: the engine maps boxes back to the raster's own pixels, in which the
         # references are given (a view of a large image is reduced to at most 1024 px)
-        answer = chat.chat(_image(r), str(r.phrase), task="refer", max_new_tokens=GROUND_MAX_NEW_TOKENS)
+        budget = ground_budget(chat.assistant.tokenizer, str(r.phrase), max(GROUND_ROOM_BOXES, len(r.boxes)))
+        answer = chat.chat(_image(r), str(r.phrase), task="refer", max_new_tokens=budget)
         boxes = [_pixel_box(b.pixel) for b in answer.boxes]
         predicted.append(boxes)
         reference.append([_pixel_box(b) for b in r.boxes])
