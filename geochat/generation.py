@@ -52,31 +52,49 @@ class StopOnLoop(StoppingCriteria):
     - each of its last `repeats` boxes covers much the same ground as an earlier one (IoU >= 0.5): a
       small model asked for boxes may walk one box across the image a pixel at a time (13 such boxes on
       an RSICD storage-tank scene, and every tile of a tiled run paying the full token budget).
-    After a repeating text stopped it, `period` is the block's length and `trim` drops the repeats from the answer
-    (text already streamed keeps them: a stream cannot take text back).
+    Each row of a batch is followed on its own (`batch` rows, all with prompts `prompt_length` long, as a
+    left-padded batch has them); a row once stopped stays stopped. After a repeating text stopped a row, `trim`
+    drops the repeats from its answer (text already streamed keeps them: a stream cannot take text back).
     """
 
-    def __init__(self, prompt_length: int, decode: Callable[[list[int]], str], repeats: int = 3) -> None:
+    def __init__(self, prompt_length: int, decode: Callable[[list[int]], str], repeats: int = 3,
+                 batch: int = 1) -> None:
         self.prompt_length, self.decode, self.repeats = prompt_length, decode, repeats
-        self._closed = 0  # closing braces seen so far: the boxes are checked again when one more is complete
-        self.period: int | None = None  # the repeated block's length, once a repeating text stopped the answer
+        self._closed = [0] * batch  # closing braces seen so far: the boxes are checked again when one more is complete
+        self._stopped: list[tuple[int, int | None] | None] = [None] * batch  # (new tokens, repeated block) at the stop
 
-    def trim(self, new: list[int]) -> list[int]:
-        """`new` without the block's repeats when a repeating text stopped it (the answer keeps one copy)."""
-        return new[: len(new) - (self.repeats - 1) * self.period] if self.period else new
+    @property
+    def period(self) -> int | None:
+        """The repeated block's length, once a repeating text stopped the (first) answer."""
+        return self._stopped[0][1] if self._stopped[0] else None
+
+    def trim(self, new: list[int], row: int = 0) -> list[int]:
+        """Row `row`'s new tokens up to its stop, without the block's repeats when a repeating text stopped it
+        (the answer keeps one copy); as they are when it was not stopped."""
+        stopped = self._stopped[row]
+        if stopped is None:
+            return new
+        length, period = stopped
+        return new[: length - (self.repeats - 1) * period] if period else new[:length]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        if input_ids.shape[0] != 1:
-            raise ValueError("StopOnLoop follows one answer (batch size 1)")
-        new = input_ids[0, self.prompt_length:].tolist()
+        if input_ids.shape[0] != len(self._stopped):
+            raise ValueError(f"StopOnLoop follows {len(self._stopped)} answer(s), got a batch of {input_ids.shape[0]}")
+        stop = [self._stopped[row] is not None or self._check(row, input_ids[row, self.prompt_length:].tolist())
+                for row in range(input_ids.shape[0])]
+        return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
+
+    def _check(self, row: int, new: list[int]) -> bool:
         period = next((n for n in range(1, 49) if looped(new, n, self.repeats)), None)  # the shortest repeating block
         looping = period is not None and period >= 8
-        self.period = period if looping else None
         text = self.decode(new) if new and not looping else ""
-        if text.count("}") > self._closed:
-            self._closed = text.count("}")
+        if text.count("}") > self._closed[row]:
+            self._closed[row] = text.count("}")
             looping = boxes_circle(parse_boxes(text[: text.rfind("}") + 1]), self.repeats)
-        return torch.full((input_ids.shape[0],), looping, dtype=torch.bool, device=input_ids.device)
+            period = None
+        if looping:
+            self._stopped[row] = (len(new), period)
+        return looping
 
 
 def looped(tokens: Sequence[int], block: int, repeats: int) -> bool:

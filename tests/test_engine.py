@@ -147,7 +147,9 @@ def test_a_looping_generation_is_stopped() -> None:
     assert answers == [False] * 6 + [True]
     plain = StopOnLoop(1, lambda new: "")
     assert plain(torch.tensor([[0, *(list(range(10, 18)) * 3)]]), torch.empty(0)).item()  # 8 tokens, 3 times
-    assert not plain(torch.tensor([[0, *([5, 6, 7, 8] * 6)]]), torch.empty(0)).item()  # a table rule "|---|---…"
+    assert plain(torch.tensor([[0, 1, 2]]), torch.empty(0)).item()  # one instance follows one answer: stopped stays
+    table = StopOnLoop(1, lambda new: "")
+    assert not table(torch.tensor([[0, *([5, 6, 7, 8] * 6)]]), torch.empty(0)).item()  # a table rule "|---|---…"
 
 
 def test_an_answer_stopped_for_repeating_itself_keeps_one_copy(gc: GeoChat, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,6 +170,35 @@ def test_an_answer_stopped_for_repeating_itself_keeps_one_copy(gc: GeoChat, monk
     answer = gc.chat(_image(), "describe the port", max_new_tokens=len(script))
     assert answer.answer == "The scene: A large ship is moored in the busy port near the shore."
     assert not answer.cut_short
+
+
+def test_a_batched_answer_that_loops_stops_alone_and_keeps_one_copy(gc: GeoChat, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In `chat_batch`, a looping row stops (as `generate` does: later tokens padded) while the others go on."""
+    tok = gc.assistant.tokenizer
+    sentence = tok(" A large ship is moored in the busy port near the shore.", add_special_tokens=False)["input_ids"]
+    looping = tok("The scene:", add_special_tokens=False)["input_ids"] + sentence * 6
+    plain = tok(" Fields, a road and a river, then a small village with a church and trees around it all.",
+                add_special_tokens=False)["input_ids"]
+    pad = gc.assistant.pad_token_id
+    scripts = [looping, plain + [pad] * (len(looping) - len(plain))]
+    steps: list[int] = []
+
+    def generate(input_ids: torch.Tensor, stopping_criteria: Any, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
+        out, done = input_ids, torch.zeros(len(input_ids), dtype=torch.bool)
+        for k in range(max_new_tokens):
+            step = torch.tensor([[pad if done[i] else scripts[i][k]] for i in range(len(out))])
+            out = torch.cat([out, step], dim=1)
+            done |= stopping_criteria(out, torch.empty(0))
+            steps.append(k)
+            if done.all():
+                break
+        return out
+
+    monkeypatch.setattr(gc.assistant.model, "generate", generate)
+    answers = gc.chat_batch([_image(), _image()[::-1]], "describe it", max_new_tokens=len(looping))
+    assert answers[0] == "The scene: A large ship is moored in the busy port near the shore."
+    assert answers[1] == tok.decode(plain).strip()
+    assert len(steps) == len(looping)  # the other row was not stopped with it
 
 
 def test_identify_requires_region_inside_image(gc: GeoChat) -> None:
