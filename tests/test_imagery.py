@@ -598,6 +598,24 @@ def test_undeclared_nan_is_not_averaged_into_a_decimated_view(tmp_path: Path) ->
     assert 0.05 < loaded.facts["nodata_fraction"] < 0.2  # averaging made it 0.96, a black preview
 
 
+def test_a_decimated_float_view_averages_its_finite_values(tmp_path: Path) -> None:
+    """A float raster without a nodata value, shown at half size: a one-pixel checkerboard of 0 and 1 must come
+    out as the grey between its 0 and 1 neighbours (one nearest sample a pixel shows all 0 or all 1), and
+    a strip of NaN as nodata, not as the average of its neighbours."""
+    f = np.zeros((2048, 2048), np.float32)
+    f[:, 512:1536] = np.indices((2048, 1024)).sum(axis=0) % 2  # the checkerboard between a 0 and a 1 field
+    f[:, 1536:] = 1.0
+    f[:, :16] = np.nan
+    f[::3, 700:800] = np.nan  # a third of the rows: every output pixel keeps most of its samples
+    loaded = load_image(_write(tmp_path / "reflectance.tif", f))
+    assert loaded.rgb.shape[:2] == (1024, 1024)
+    grey = loaded.rgb[..., 0].astype(float)
+    low, high, middle = grey[:, 100:200].mean(), grey[:, 900:1000].mean(), grey[:, 300:700].mean()
+    assert high - low > 200 and abs(middle - (low + high) / 2) < 0.1 * (high - low), (low, middle, high)
+    assert not loaded.valid[:, :8].any() and loaded.valid[:, 8:].all()
+    assert abs(grey[:, 350:400].mean() - middle) < 0.1 * (high - low)  # the sparse NaN rows left no mark
+
+
 def test_spectral_indices_use_the_files_scale_and_offset(tmp_path: Path) -> None:
     """Landsat Collection 2 L2 stores reflectance as DN · 2.75e-5 − 0.2 (tags in the file)."""
     import rasterio

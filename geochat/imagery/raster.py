@@ -129,27 +129,27 @@ def _read_bands(ds: DatasetReader, indexes: Sequence[int], window: Window | None
                 decimating: bool) -> tuple[np.ndarray, np.ndarray]:
     """(bands, h, w) data and (h, w) validity of `indexes`, resampled to `out_shape`.
 
-    Averaging when decimating (GDAL skips nodata in the average); nearest for palette indices and for float
-    data that does not declare NaN as nodata (GDAL would average NaN into every output pixel that touches one).
-    Complex (SAR) data is multilooked instead: an average of complex samples would cancel by phase, so up to
-    LOOKS × LOOKS samples are read for each output pixel and their intensity |z|² averaged (`_multilook`),
-    which is what a SAR quicklook does against speckle.
+    Averaging when decimating (GDAL skips nodata in the average); nearest for palette indices. Two kinds of
+    data are averaged here instead, over up to LOOKS × LOOKS samples read for each output pixel (`_block_mean`):
+    complex (SAR) data, whose average would cancel by phase, by its intensity |z|² (a multilook, which is what
+    a SAR quicklook does against speckle); and float data that does not declare NaN as nodata, which GDAL
+    would average into every output pixel that touches a NaN, by its finite values.
     """
     dtype = ds.dtypes[0]
-    if decimating and is_complex(dtype):
+    undeclared_nan = not is_complex(dtype) and np.dtype(dtype).kind == "f" and ds.nodata is None
+    if decimating and (is_complex(dtype) or undeclared_nan):
         looks = _looks(window.height if window else ds.height, window.width if window else ds.width, out_shape)
         if looks > 1:
             fine = (out_shape[0] * looks, out_shape[1] * looks)
             data = ds.read(list(indexes), window=window, out_shape=(len(indexes), *fine), resampling=Resampling.nearest)
-            return _multilook(data, _valid_mask(ds, indexes, data, window, fine), looks)
-    undeclared_nan = not is_complex(dtype) and np.dtype(dtype).kind == "f" and ds.nodata is None
+            return _block_mean(data, _valid_mask(ds, indexes, data, window, fine), looks)
     nearest = not decimating or is_complex(dtype) or undeclared_nan or ds.colorinterp[0] == ColorInterp.palette
     data = ds.read(list(indexes), window=window, out_shape=(len(indexes), *out_shape),
                    resampling=Resampling.nearest if nearest else Resampling.average)
     return data, _valid_mask(ds, indexes, data, window, out_shape)
 
 
-LOOKS = 4                      # at most 4 × 4 samples an output pixel for a decimated SAR view (none under 2×)
+LOOKS = 4                      # at most 4 × 4 samples an output pixel for a decimated SAR or float view (none under 2×)
 MAX_LOOK_SAMPLES = 16_000_000  # and at most this many samples a band: 128 MB as complex64 (a 1024² view gets 3 × 3)
 
 
@@ -161,17 +161,21 @@ def _looks(height: float, width: float, out_shape: tuple[int, int]) -> int:
     return max(1, looks)
 
 
-def _multilook(data: np.ndarray, valid: np.ndarray, looks: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bands, h·looks, w·looks) complex samples → (bands, h, w) amplitudes √mean(|z|²) over each block's valid
-    samples (as complex, phase 0), and the blocks where at least half of the samples are valid."""
+def _block_mean(data: np.ndarray, valid: np.ndarray, looks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, h·looks, w·looks) samples → (bands, h, w): each block's mean over its valid samples, and the
+    blocks where at least half of the samples are valid. Complex samples give the amplitude √mean(|z|²) (as
+    complex, phase 0), real ones the mean value."""
     n, fh, fw = data.shape
     h, w = fh // looks, fw // looks
-    power = np.where(valid, np.abs(data) ** 2, 0.0).reshape(n, h, looks, w, looks).sum(axis=(2, 4))
+    sample = np.abs(data) ** 2 if np.iscomplexobj(data) else data
+    total = np.where(valid, sample, 0).reshape(n, h, looks, w, looks).sum(axis=(2, 4))
     count = valid.reshape(h, looks, w, looks).sum(axis=(1, 3))
     with np.errstate(invalid="ignore", divide="ignore"):
-        amplitude = np.sqrt(power / count)
+        mean = total / count
     kept = count * 2 >= looks * looks
-    return np.where(kept, amplitude, np.nan).astype(np.complex64), kept
+    if np.iscomplexobj(data):
+        return np.where(kept, np.sqrt(mean), np.nan).astype(np.complex64), kept
+    return np.where(kept, mean, np.nan).astype(data.dtype), kept
 
 
 def is_complex(dtype: str) -> bool:
