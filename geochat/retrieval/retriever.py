@@ -65,6 +65,10 @@ class Retriever:
     def _docs(self) -> Any | None:
         return self.store.collection(DOCS)
 
+    def forget_docs(self) -> None:
+        """Drop the cached docs collection: the next search opens it again (after a rebuild, here or elsewhere)."""
+        self.__dict__.pop("_docs", None)
+
     @cached_property
     def _images(self) -> Any | None:
         return self.store.collection(IMAGES)
@@ -96,7 +100,7 @@ class Retriever:
             return []
         docs = self._docs
         if docs is None:  # none indexed (or dropped by a rebuild elsewhere): look again next time
-            self.__dict__.pop("_docs", None)
+            self.forget_docs()
             return []
         vector = self.text_embedder.embed_query(query)
         try:
@@ -105,7 +109,7 @@ class Retriever:
             try:                # read the new one
                 res = self._query_docs(self._reopen_docs(), vector, k)
             except ChromaError as exc:
-                self.__dict__.pop("_docs", None)
+                self.forget_docs()
                 raise CorruptIndexError(f"the docs index in {self.store.location} changed under this process "
                                         f"({exc}); ask again") from exc
         passages = [
@@ -123,7 +127,7 @@ class Retriever:
     def _reopen_docs(self) -> Any:
         """The docs collection opened again after another process replaced it; the next search tries again
         while it is still being rebuilt."""
-        self.__dict__.pop("_docs", None)
+        self.forget_docs()
         docs = self._docs  # the store says when the new one is still being written, or was left half-written
         if docs is None:
             raise CorruptIndexError(f"the docs index in {self.store.location} is being rebuilt by another process; "
@@ -232,5 +236,5 @@ def ensure_retriever(
     if col is not None and (docs_root_of(col) != str(root) or plan_docs(col, root).up_to_date):
         return retriever, None
     report = index_docs(store, root, embedder=retriever.text_embedder, progress=progress)
-    del retriever.__dict__["_docs"]  # re-read the now finished collection
+    retriever.forget_docs()  # re-read the now finished collection
     return retriever, report
