@@ -63,11 +63,6 @@ class StopOnLoop(StoppingCriteria):
         self._closed = [0] * batch  # closing braces seen so far: the boxes are checked again when one more is complete
         self._stopped: list[tuple[int, int | None] | None] = [None] * batch  # (new tokens, repeated block) at the stop
 
-    @property
-    def period(self) -> int | None:
-        """The repeated block's length, once a repeating text stopped the (first) answer."""
-        return self._stopped[0][1] if self._stopped[0] else None
-
     def trim(self, new: list[int], row: int = 0) -> list[int]:
         """Row `row`'s new tokens up to its stop, without the block's repeats when a repeating text stopped it
         (the answer keeps one copy); as they are when it was not stopped."""

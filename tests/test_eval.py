@@ -124,6 +124,8 @@ def test_image_offsets_reorder_images_for_a_caption_never_captions_for_an_image(
     hub = retrieval_recalls(images, captions, [1, 2, 2], image_offsets=np.array([0.3, 0.0, 0.0]))
     assert plain["t2i_R@1"] == pytest.approx(1 / 3) and hub["t2i_R@1"] == 1.0
     assert hub["i2t_R@1"] == plain["i2t_R@1"]  # one offset per image: its ranking of captions is the same
+    with pytest.raises(ValueError, match="expected \\(3,\\)"):
+        retrieval_recalls(images, captions, [1, 2, 2], image_offsets=np.array([0.3]))  # would broadcast silently
 
 
 def test_grounding_accuracy_rotated_and_one_to_one() -> None:
@@ -312,23 +314,30 @@ def test_ground_gives_the_answer_room_for_every_box(tmp_path: Path, tiny_assista
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A scene with 12 objects: the answer must not be cut before its twelfth box (a box is 20-25 tokens)."""
     from geochat import GeoChat
-    from geochat.eval.tasks import ground
+    from geochat.eval.tasks import GROUND_MAX_NEW_TOKENS, ground, ground_budget
     from geochat.grounding import Box, format_grounded
 
     Image.new("RGB", (100, 100), (90, 120, 60)).save(tmp_path / "scene.png")
-    grid = [Box(8 * i, 8 * i, 8 * i + 6, 8 * i + 6, -90 + i) for i in range(12)]  # pixels = grid on a 100-px square
-    (tmp_path / "ground.jsonl").write_text(json.dumps(
-        {"image": "scene.png", "phrase": "the tanks", "boxes": [[b.x1, b.y1, b.x2, b.y2, b.theta] for b in grid]}) + "\n")
+    grid = [Box(7 * i, 7 * i, 7 * i + 5, 7 * i + 5, -90 + i) for i in range(14)]  # pixels = grid on a 100-px square
+    rows = [{"image": "scene.png", "phrase": "the tanks", "boxes": [[b.x1, b.y1, b.x2, b.y2, b.theta] for b in grid[:n]]}
+            for n in (12, 14)]  # build-ground's cap, and a hand-made row with more
+    (tmp_path / "ground.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     chat = GeoChat.from_pretrained(str(tiny_assistant_dir))
-    full = format_grounded([("the tanks", grid)])
     tok = chat.assistant.tokenizer
+    full = format_grounded([("the tanks", grid)])  # a model that names all 14 unless the budget cuts it
+
+    budgets: list[int] = []
 
     def generate(session: object, ids: list[int], max_new_tokens: int, *rest: object) -> str:
+        budgets.append(max_new_tokens)
         return str(tok.decode(tok(full).input_ids[:max_new_tokens]))  # what a model cut at the budget writes
 
     monkeypatch.setattr(chat, "_generate", generate)
     result = ground(read_annotations(tmp_path / "ground.jsonl"), chat, progress=False)
-    assert len(result.predictions[0]["predicted"]) == 12 and result.metrics["acc@0.5"] == 1.0
+    assert [len(p["predicted"]) >= n for p, n in zip(result.predictions, (12, 14), strict=True)] == [True, True]
+    assert result.metrics["acc@0.5"] == 1.0
+    assert budgets == [ground_budget(tok, "the tanks", 12), ground_budget(tok, "the tanks", 14)]
+    assert budgets[0] < budgets[1] < ground_budget(tok, "the tanks", 1000) == GROUND_MAX_NEW_TOKENS  # capped
 
 
 def test_retrieve_merges_rows_of_one_image_and_classify_needs_two_labels(scenes: Path, tiny_tower_dir: Path,

@@ -16,7 +16,8 @@ from rasterio.transform import Affine
 
 from geochat.cli import main
 from geochat.retrieval import IndexStore, Retriever, StoreLocation, index_docs, index_images
-from geochat.retrieval.images import StemEmbedder, image_date
+from geochat.retrieval.embedders import StemEmbedder
+from geochat.retrieval.images import image_date
 from geochat.retrieval.store import IMAGES, MixedEmbedderError
 from geochat.retrieval.text import TextEmbedder
 from tests.test_retrieval import write_docs
@@ -166,7 +167,7 @@ def test_trained_tower_is_swappable_and_never_mixed(
     directly; indexing the same collection with the stem afterwards is refused, `auto` keeps its tower, and
     the tower retrained in place is refused until the archive is rebuilt."""
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
-    from geochat.retrieval.images import TowerEmbedder
+    from geochat.retrieval.embedders import TowerEmbedder
     from geochat.train.dual_encoder import save_tower
     from tests.tiny import TINY_VISION
 
@@ -208,10 +209,12 @@ def test_trained_tower_is_swappable_and_never_mixed(
     assert fresh.similar_images(paths["rings"])[0].path == str(paths["rings"].resolve())
 
 
-def test_a_query_bank_beside_the_tower_reranks_text_search_by_hubness(tmp_path: Path, text: TextEmbedder) -> None:
+def test_a_query_bank_beside_the_tower_reranks_text_search_by_hubness(tmp_path: Path, text: TextEmbedder,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A tower with a query bank ranks images for a text by cosine − the bank's hubness offset, and reports
     that score; an image that sits among many of the bank's caption keys drops below its cosine rank."""
-    from geochat.retrieval.images import TRAINED_DEFAULT_DIR, TowerEmbedder, load_rgb
+    from geochat.retrieval.embedders import TRAINED_DEFAULT_DIR, TowerEmbedder
+    from geochat.retrieval.images import load_rgb
     from geochat.train.dual_encoder import QueryBank, save_query_bank
 
     # the shipped search tower (a random tiny one embeds every image alike), without its bank
@@ -231,6 +234,7 @@ def test_a_query_bank_beside_the_tower_reranks_text_search_by_hubness(tmp_path: 
                     tmp_path / "dual")  # weight 0: queries as they are, only the ranking changes
     tower = TowerEmbedder(tmp_path / "dual")
     assert tower.bank is not None and np.allclose(tower.embed_text("farmland"), query, atol=1e-5)
+    assert tower.text_offsets is not None and plain.text_offsets is None  # no bank, no correction
     offsets = tower.text_offsets(emb)
     assert offsets[hub] == offsets.max() and offsets[hub] > np.delete(offsets, hub).max() + 0.05
     expected = np.argsort(-(cosine - offsets), kind="stable")
@@ -242,6 +246,12 @@ def test_a_query_bank_beside_the_tower_reranks_text_search_by_hubness(tmp_path: 
     assert [h.score for h in hits] == pytest.approx([float(cosine[i] - offsets[i]) for i in expected], abs=2e-3)
     top = Retriever(IndexStore.open(StoreLocation(path=tmp_path / "index")), k=6).search_images("farmland", k=2)
     assert [h.path for h in top] == [h.path for h in hits[:2]]  # k below the pool: the same head
+    # a pool of 4 (for k = 1): the hub competes only with the 3 next nearest by cosine
+    monkeypatch.setattr("geochat.retrieval.retriever.RERANK_POOL", 1)
+    pool = np.argsort(-cosine, kind="stable")[:4]
+    best = pool[np.argmax(cosine[pool] - offsets[pool])]
+    one = Retriever(IndexStore.open(StoreLocation(path=tmp_path / "index")), k=6).search_images("farmland", k=1)
+    assert [h.path for h in one] == [str(paths[order[best]].resolve())]
 
 
 def test_caption_edits_reindex_and_a_bad_sidecar_is_one_failed_file(tmp_path: Path, stem: StemEmbedder,
@@ -274,8 +284,8 @@ def test_an_unchanged_archive_is_not_read_again(tmp_path: Path, stem: StemEmbedd
     index_images(IndexStore.open(location, create=True), tmp_path / "images", embedder=stem, text_embedder=text,
                  progress=False)
     hashed: list[Path] = []
-    real = images_module._digest
-    monkeypatch.setattr(images_module, "_digest", lambda p: hashed.append(p) or real(p))
+    real = images_module.file_digest
+    monkeypatch.setattr(images_module, "file_digest", lambda p: hashed.append(p) or real(p))
     report = index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,
                           progress=False)
     assert report.skipped == len(paths) and hashed == []  # same size and mtime: no byte of the archive read
@@ -308,7 +318,7 @@ def test_a_killed_run_is_half_written_and_rebuild_repairs_it(tmp_path: Path, ste
 
 def test_records_of_an_older_index_keep_their_vectors(tmp_path: Path, stem: StemEmbedder, text: TextEmbedder) -> None:
     """Before the content hash covered captions it was the file's own sha256: such records are not re-embedded."""
-    from geochat.retrieval.images import _digest
+    from geochat.retrieval.embedders import file_digest
 
     paths = make_archive(tmp_path / "images")
     location = StoreLocation(path=tmp_path / "index")
@@ -316,7 +326,7 @@ def test_records_of_an_older_index_keep_their_vectors(tmp_path: Path, stem: Stem
                  progress=False)
     col = IndexStore.open(location).collection(IMAGES)
     got = col.get(include=["metadatas"])
-    old = [{k: v for k, v in m.items() if k not in ("file_hash", "file_stat")} | {"content_hash": _digest(Path(m["path"]))}
+    old = [{k: v for k, v in m.items() if k not in ("file_hash", "file_stat")} | {"content_hash": file_digest(Path(m["path"]))}
            for m in got["metadatas"]]
     col.update(ids=got["ids"], metadatas=old)
     report = index_images(IndexStore.open(location), tmp_path / "images", embedder=stem, text_embedder=text,

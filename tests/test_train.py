@@ -236,7 +236,7 @@ def test_query_bank_pulls_a_query_toward_the_images_of_captions_like_it(tmp_path
         QueryBank.load(bad)
 
 
-def test_query_bank_lowers_images_crowded_by_its_caption_keys() -> None:
+def test_query_bank_lowers_images_crowded_by_its_caption_keys(tmp_path: Path) -> None:
     """Hubness: an image near many training captions would top every query like them; its offset is larger
     than an isolated image's, offsets are centred on the bank's own images, and weight 0 turns them off."""
     from geochat.train.dual_encoder import QueryBank
@@ -257,6 +257,9 @@ def test_query_bank_lowers_images_crowded_by_its_caption_keys() -> None:
     assert free[0] == pytest.approx(offsets[0]) and free[1] < offsets[1]
     assert free[0] - free[1] == pytest.approx(0.75 * float(crowding[0] - crowding[1]), abs=1e-5)
     assert not QueryBank(keys, values, hub_weight=0.0).image_offsets(values.numpy()).any()
+    stored = QueryBank.load(bank.save(tmp_path / "bank.safetensors"))  # c is written with the bank, not recomputed
+    assert stored.hub_centre == pytest.approx(bank._mean_crowding, abs=1e-6)
+    assert np.allclose(stored.image_offsets(torch.stack([hub, alone]).numpy()), offsets, atol=0.01)  # int8 rows
     with pytest.raises(ValueError, match="hub_weight >= 0"):
         QueryBank(keys, values, hub_weight=-1.0)
     with pytest.raises(ValueError, match="hub_floor <= 0"):
@@ -340,7 +343,7 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
                                                                           tiny_llm_dir: Path,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     from geochat.eval.tasks import load_dual
-    from geochat.retrieval.images import TowerEmbedder
+    from geochat.retrieval.embedders import TowerEmbedder
 
     vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
     retrieval = {**_align(data, steps=2)["align"], "rotations": 4, "stem_lr_scale": 0.5,
@@ -674,7 +677,7 @@ def test_shipped_dual_encoder_uses_its_search_tower_on_real_scenes(shared_data: 
     rows = [json.loads(x) for x in (shared_data / "rsicd" / "annotations.jsonl").read_text().splitlines()]
     labels = sorted({r["label"] for r in rows})
     test = random.Random(1).sample([r for r in rows if r["split"] == "test"], 24)
-    from geochat.retrieval.images import image_embedder_from_name
+    from geochat.retrieval.embedders import image_embedder_from_name
 
     dual = load_dual(None)
     recipe = load_recipe(REPO / "adapters" / "geochat-mini.yaml")

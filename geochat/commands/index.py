@@ -75,7 +75,7 @@ def run_docs(args: argparse.Namespace) -> int:
 def run_images(args: argparse.Namespace) -> int:
     from geochat.errors import GeoChatError
     from geochat.retrieval import image_embedder_from_name, index_images
-    from geochat.retrieval.images import auto_embedder_name
+    from geochat.retrieval.embedders import auto_embedder_name
     from geochat.retrieval.store import IMAGES
 
     if args.max_size < 32:

@@ -73,7 +73,10 @@ def retrieval_recalls(image_emb: np.ndarray, caption_emb: np.ndarray, caption_im
     correction): they reorder the images for a caption, never the captions for an image."""
     sim = caption_emb @ image_emb.T  # (captions, images)
     if image_offsets is not None:
-        sim = sim - np.asarray(image_offsets)[None, :]
+        offsets = np.asarray(image_offsets)
+        if offsets.shape != (image_emb.shape[0],):
+            raise ValueError(f"image_offsets has shape {offsets.shape}, expected ({image_emb.shape[0]},)")
+        sim = sim - offsets[None, :]
     t2i = recall_at_k(sim, [{i} for i in caption_image])
     captions_of: list[set[int]] = [set() for _ in range(image_emb.shape[0])]
     for j, i in enumerate(caption_image):

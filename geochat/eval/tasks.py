@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from geochat.data.instruct import MAX_BOXES
 from geochat.errors import GeoChatError
 from geochat.eval.annotations import Row
 from geochat.eval.metrics import (
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 TASKS = ("classify", "retrieve", "caption", "vqa", "ground")
 CAPTION_MAX_NEW_TOKENS = 48
 ANSWER_MAX_NEW_TOKENS = 32
-GROUND_ROOM_BOXES = 12  # boxes a grounding answer has room for, at least (build-ground's cap; more if the row has more)
+GROUND_MAX_NEW_TOKENS = 1024  # room for ~40 boxes: a row with hundreds of objects is not given minutes of decoding
 EVAL_BATCH = 16  # images per batched generation
 
 
@@ -184,9 +185,11 @@ def _pixel_box(values: Sequence[float]) -> Box:
 
 def ground_budget(tokenizer: Any, phrase: str, boxes: int) -> int:
     """New tokens for an answer naming `phrase` with `boxes` boxes of the widest form, in the model's own
-    tokenizer (a box takes 20-25 of SmolLM2's tokens: a fixed budget would cut answers short)."""
+    tokenizer (a box takes 20-25 of SmolLM2's tokens: a fixed budget would cut answers short), at most
+    GROUND_MAX_NEW_TOKENS. Every row gets room for build-ground's MAX_BOXES at least."""
     widest = Box(-100, -100, -100, -100, -90)
-    return len(tokenizer(format_grounded([(phrase, [widest] * boxes)])).input_ids) + 8  # + end of turn, spaces
+    need = len(tokenizer(format_grounded([(phrase, [widest] * boxes)])).input_ids) + 8  # + end of turn, spaces
+    return min(need, GROUND_MAX_NEW_TOKENS)
 
 
 def ground(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
@@ -194,7 +197,7 @@ def ground(rows: Sequence[Row], chat: Any, progress: bool = True) -> EvalResult:
     for r in tqdm(rows, desc="ground", disable=not progress):
         # the file, not a decoded view: the engine maps boxes back to the raster's own pixels, in which the
         # references are given (a view of a large image is reduced to at most 1024 px)
-        budget = ground_budget(chat.assistant.tokenizer, str(r.phrase), max(GROUND_ROOM_BOXES, len(r.boxes)))
+        budget = ground_budget(chat.assistant.tokenizer, str(r.phrase), max(MAX_BOXES, len(r.boxes)))
         answer = chat.chat(_image(r), str(r.phrase), task="refer", max_new_tokens=budget)
         boxes = [_pixel_box(b.pixel) for b in answer.boxes]
         predicted.append(boxes)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -184,6 +184,7 @@ class QueryBank:
     hub_weight: float = 0.75
     hub_beta: float = 30.0
     hub_floor: float = -0.05
+    hub_centre: float | None = None  # c, written with the bank (computed from it when missing)
 
     def __post_init__(self) -> None:
         if self.keys.ndim != 2 or self.keys.shape != self.values.shape or not len(self.keys):
@@ -218,6 +219,9 @@ class QueryBank:
 
     @cached_property
     def _mean_crowding(self) -> float:
+        """c: the stored value, or the mean crowding of the bank's own rows (an 8,734² pass for RSICD's bank)."""
+        if self.hub_centre is not None:
+            return self.hub_centre
         return float(self._crowding(F.normalize(self.values, dim=-1)).mean())
 
     def save(self, path: Path) -> Path:
@@ -227,7 +231,8 @@ class QueryBank:
             tensors[name] = (x / scale).round().clamp(-127, 127).to(torch.int8)
             tensors[f"{name}_scale"] = scale.half()
         settings = {"k": self.k, "tau": self.tau, "weight": self.weight, "floor": self.floor, "tower": self.tower,
-                    "hub_weight": self.hub_weight, "hub_beta": self.hub_beta, "hub_floor": self.hub_floor}
+                    "hub_weight": self.hub_weight, "hub_beta": self.hub_beta, "hub_floor": self.hub_floor,
+                    "hub_centre": self._mean_crowding}
         save_file(tensors, str(path), metadata={name: str(value) for name, value in settings.items()})
         return path
 
@@ -242,10 +247,11 @@ class QueryBank:
             keys, values = (t[n].float() * t[f"{n}_scale"].float() for n in ("keys", "values"))
             # banks written before the floor or the hubness correction get today's settings
             floor = float(meta.get("floor", cls.floor))
-            default = {f.name: f.default for f in fields(cls)}
-            hub = (float(meta.get(name, default[name])) for name in ("hub_weight", "hub_beta", "hub_floor"))
+            hub_weight = float(meta.get("hub_weight", cls.hub_weight))
+            hub_beta, hub_floor = float(meta.get("hub_beta", cls.hub_beta)), float(meta.get("hub_floor", cls.hub_floor))
+            centre = float(meta["hub_centre"]) if "hub_centre" in meta else None
             return cls(keys, values, int(meta["k"]), float(meta["tau"]), float(meta["weight"]), floor,
-                       meta.get("tower", ""), *hub)
+                       meta.get("tower", ""), hub_weight, hub_beta, hub_floor, centre)
         except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as exc:
             raise ModelLoadError(f"{path} is not a query bank ({exc}); rewrite it with "
                                  "`python -m geochat.train.query_bank RECIPE DIR`") from exc
@@ -304,10 +310,10 @@ class DualEncoder:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.text.encode(texts)
 
-    def image_offsets(self, images: np.ndarray) -> np.ndarray:
+    def image_offsets(self, images: np.ndarray) -> np.ndarray | None:
         """(n, D) image embeddings → (n,) offsets to subtract from text-query scores (the bank's hubness
-        correction; zeros without a bank)."""
-        return self.bank.image_offsets(images) if self.bank is not None else np.zeros(len(images), np.float32)
+        correction; None without a bank)."""
+        return self.bank.image_offsets(images) if self.bank is not None else None
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """Search queries: `embed_texts`, expanded through the query bank when there is one."""
