@@ -21,7 +21,8 @@ from report import print_results  # noqa: E402  (benchmarks/report.py, beside th
 
 sys.path.insert(0, str(REPO))
 
-from geochat.grounding import Box, merge_boxes  # noqa: E402
+from geochat.box_geometry import merge_boxes  # noqa: E402
+from geochat.grounding import Box  # noqa: E402
 from geochat.tiling import cut_edges, join_cut_boxes, plan_tiles  # noqa: E402
 
 

@@ -40,10 +40,7 @@ from geochat.answer import Answer, ModelInfo, Timings, Turn
 from geochat.errors import GeoChatError
 from geochat.generation import AnswerStream, StopOnLoop, TextCallback, TimedStreamer, one_of
 from geochat.georeference import georeference, region_to_grid
-from geochat.grounding import (
-    parse_boxes,
-    strip_grounding,
-)
+from geochat.grounding import parse_boxes, strip_grounding
 from geochat.imagery import LoadedImage, load_image
 from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
 from geochat.model.config import AssistantConfig, offline_default_config

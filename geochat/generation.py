@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import StoppingCriteria, TextStreamer
 
-from geochat.grounding import Box, parse_boxes, rotated_iou
+from geochat.box_geometry import rotated_iou
+from geochat.grounding import Box, parse_boxes
 
 if TYPE_CHECKING:
     from geochat.answer import Answer

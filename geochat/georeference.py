@@ -10,16 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from geochat.answer import BoxResult
+from geochat.box_geometry import clip_to_frame, merge_boxes
 from geochat.errors import GeoChatError
-from geochat.grounding import (
-    Box,
-    Point,
-    box_to_pixel_polygon,
-    clip_to_frame,
-    grid_to_pixel,
-    merge_boxes,
-    pixel_box_to_grid,
-)
+from geochat.grounding import Box, Point, box_to_pixel_polygon, grid_to_pixel, pixel_box_to_grid
 from geochat.imagery import LoadedImage, RasterInfo, pixel_to_lonlat, polygons_to_geojson
 
 

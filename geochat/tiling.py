@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geochat.answer import Answer, Timings
-from geochat.errors import GeoChatError
-from geochat.georeference import box_results
-from geochat.grounding import (
-    Box,
+from geochat.box_geometry import (
     BoxGrid,
     box_extent,
     iou_within,
@@ -29,6 +26,9 @@ from geochat.grounding import (
     min_area_rectangle,
     polygon_to_rotated_box,
 )
+from geochat.errors import GeoChatError
+from geochat.georeference import box_results
+from geochat.grounding import Box
 from geochat.imagery import LoadedImage, load_image, read_window
 from geochat.imagery.raster import TILED_MAX_PIXELS
 

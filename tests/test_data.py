@@ -14,16 +14,10 @@ import rasterio
 from PIL import Image
 from rasterio.transform import from_origin
 
+from geochat.box_geometry import min_area_rectangle, polygon_to_rotated_box, rotated_iou
 from geochat.cli import main
 from geochat.data.instruct import presence_question
-from geochat.grounding import (
-    Box,
-    grid_to_pixel,
-    min_area_rectangle,
-    parse_boxes_strict,
-    polygon_to_rotated_box,
-    rotated_iou,
-)
+from geochat.grounding import Box, grid_to_pixel, parse_boxes_strict
 
 
 def _rect(cx: float, cy: float, w: float, h: float, theta: float) -> list[tuple[float, float]]:

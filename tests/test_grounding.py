@@ -7,25 +7,27 @@ import random
 
 import pytest
 
+from geochat.box_geometry import (
+    MERGE_IOU,
+    box_extent,
+    iou_within,
+    merge_boxes,
+    min_area_rectangle,
+    polygon_to_rotated_box,
+    rotated_iou,
+)
 from geochat.errors import GroundingParseError
 from geochat.grounding import (
-    MERGE_IOU,
     Box,
-    box_extent,
     box_to_pixel_polygon,
     format_box,
     format_grounded,
     grid_to_pixel,
-    iou_within,
-    merge_boxes,
-    min_area_rectangle,
     parse_boxes,
     parse_boxes_strict,
     parse_region,
     pixel_box_to_grid,
     pixel_to_grid,
-    polygon_to_rotated_box,
-    rotated_iou,
     strip_grounding,
 )
 

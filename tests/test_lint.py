@@ -9,7 +9,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TYPED_CORE = ["geochat/model", "geochat/engine.py", "geochat/answer.py", "geochat/cli.py", "geochat/paths.py",
-              "geochat/imagery", "geochat/grounding.py", "geochat/prompting.py", "geochat/drawing.py",
+              "geochat/imagery", "geochat/grounding.py", "geochat/box_geometry.py", "geochat/prompting.py",
+              "geochat/drawing.py", "geochat/generation.py", "geochat/georeference.py",
               "geochat/tiling.py", "geochat/serving", "app.py"]
 
 

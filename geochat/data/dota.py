@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from geochat.box_geometry import polygon_to_rotated_box
 from geochat.errors import GeoChatError
-from geochat.grounding import polygon_to_rotated_box
 
 Point = tuple[float, float]
 

@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from geochat.box_geometry import min_area_rectangle, polygon_to_rotated_box
 from geochat.errors import GeoChatError
-from geochat.grounding import min_area_rectangle, polygon_to_rotated_box
 from geochat.imagery import map_to_pixel, read_info
 
 Point = tuple[float, float]

@@ -7,7 +7,7 @@
 - captions: BLEU-1..4, METEOR, ROUGE-L and CIDEr from `pycocoevalcap`, the COCO caption evaluation
   code that papers report (PTB tokenisation first; METEOR and the tokenizer run Java);
 - grounding: acc@0.5, the share of reference boxes matched one-to-one by a predicted box with
-  rotated IoU >= 0.5 (`geochat.grounding.rotated_iou`, so oriented boxes are compared exactly).
+  rotated IoU >= 0.5 (`geochat.box_geometry.rotated_iou`, so oriented boxes are compared exactly).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from geochat.grounding import Box, rotated_iou
+from geochat.box_geometry import rotated_iou
+from geochat.grounding import Box
 
 CAPTION_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 RECALL_KS = (1, 5, 10)
