@@ -179,7 +179,8 @@ def test_removed_file_chunks_are_deleted(docs: Path, store: IndexStore, embedder
 
 
 def test_search_finds_the_section(built_index: Path, embedder: TextEmbedder) -> None:
-    retriever = Retriever(IndexStore.open(StoreLocation(path=built_index)), text_embedder=embedder)
+    assert StoreLocation(path=str(built_index)) == StoreLocation(path=built_index)  # a str from Python is a path
+    retriever = Retriever(IndexStore.open(StoreLocation(path=str(built_index))), text_embedder=embedder)
     passages = retriever.search("how often does Sentinel-2 revisit a place?", k=3)
     assert [p.id for p in passages] == ["S1", "S2", "S3"]
     assert (passages[0].source, passages[0].heading) == ("docs/sentinel.md", "Revisit time")

@@ -66,11 +66,13 @@ class MixedEmbedderError(GeoChatError):
 class StoreLocation:
     """A local directory (`path`) or a chroma server (`host`, `port`); exactly one of the two."""
 
-    path: Path | None = None
+    path: Path | None = None  # a str is taken as a path
     host: str | None = None
     port: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.path, str):
+            object.__setattr__(self, "path", Path(self.path))  # (frozen: set through object)
         if (self.path is None) == (self.host is None):
             raise ValueError("a store location is either a path or a host (with a port)")
         if self.host is not None and not (self.port and 0 < self.port < 65536):
