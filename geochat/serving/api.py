@@ -9,7 +9,8 @@ extra top-level field `geochat` (in the last chunk when streaming). Extra reques
 
 Every failure answers `{"error": {"message": ..., "type": ...}}` with a 4xx code that says whose
 fault it was (400 malformed, 401 token, 403 path not allowed, 413 too large, 422 unreadable image,
-503 queue full); only a failure inside the model is a 500.
+503 queue full); only a failure inside the model is a 500. The request shapes and the error bodies are in
+`geochat.serving.schemas`.
 """
 
 from __future__ import annotations
@@ -21,133 +22,37 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from geochat.answer import Answer, Turn
 from geochat.engine import GeoChat
-from geochat.errors import GeoChatError, ImageryError
+from geochat.errors import GeoChatError
 from geochat.imagery import LoadedImage
 from geochat.prompting import Task, build_user_message, prompt_facts
-from geochat.serving.images import (
-    BadImageReferenceError,
-    ImageAccessError,
-    ImageTooLargeError,
-    image_source,
-    open_image,
-)
-from geochat.serving.limits import QueueFullError, RequestQueue, ServingSettings
+from geochat.serving.images import image_source, open_image
+from geochat.serving.limits import RequestQueue, ServingSettings
 from geochat.serving.render import AppendOnly, feature_collection, live_split
+from geochat.serving.schemas import (
+    ApiError,
+    ChatMessage,
+    ChatRequest,
+    GroundRequest,
+    error_body,
+    install_error_handlers,
+    validation_message,
+)
 from geochat.serving.session import NEEDS_IMAGE
 
 logger = logging.getLogger(__name__)
 
 BODY_READ_TIMEOUT_S = 120  # for the whole body: 32 MiB of base64 at about 3.5 Mbit/s
 MAX_LABELS = 200  # `labels` of one request: each goes into the prompt and into every decoding step's constraint
-
-
-# -- request shapes (OpenAI's, plus geochat's extra fields) --------------------------------------
-
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(BaseModel):
-    """Unknown OpenAI fields (temperature, top_p, ...) are accepted and ignored: decoding is greedy."""
-
-    model_config = ConfigDict(extra="ignore")
-    messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    task: Literal["chat", "caption", "classify", "refer", "grounding", "identify"] | None = None
-    cot: bool = False
-    region: list[float] | None = Field(default=None, min_length=4, max_length=5)
-    bands: list[int] | str | None = None
-    sensor: str | None = None
-    labels: list[str] | None = None
-
-
-class GroundRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    image: str = Field(min_length=1)
-    phrase: str = Field(min_length=1)
-    bands: list[int] | str | None = None
-    sensor: str | None = None
-
-
-# -- errors --------------------------------------------------------------------------------------
-
-class ApiError(Exception):
-    """An HTTP error with a message for the client."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def _status_of(exc: GeoChatError) -> int:
-    if isinstance(exc, ImageTooLargeError):
-        return 413
-    if isinstance(exc, ImageAccessError):
-        return 403
-    if isinstance(exc, QueueFullError):
-        return 503
-    if isinstance(exc, BadImageReferenceError):
-        return 400
-    if isinstance(exc, ImageryError):
-        return 422
-    return 400
-
-
-def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind}}
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """JSON errors in OpenAI's shape for the API routes (the mounted Gradio app keeps its own)."""
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.kind), status_code=exc.status)
-
-    @app.exception_handler(GeoChatError)
-    async def _geochat_error(request: Request, exc: GeoChatError) -> JSONResponse:
-        status = _status_of(exc)
-        kind = "server_busy" if status == 503 else "invalid_request_error"
-        return JSONResponse(error_body(str(exc), kind), status_code=status)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request failed: %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error ({type(exc).__name__}: {exc})", "server_error"),
-                            status_code=500)
-
-
-def _validation_message(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-    more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
-    return f"{where}: {first.get('msg', 'invalid')}{more}"
 
 
 # -- the router ----------------------------------------------------------------------------------
@@ -203,7 +108,7 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            raise ApiError(400, _validation_message(exc)) from exc
+            raise ApiError(400, validation_message(exc)) from exc
 
     def load(reference: str, bands: Any, sensor: str | None) -> LoadedImage:
         return open_image(image_source(reference, settings), settings, bands=bands, sensor=sensor)
