@@ -61,13 +61,25 @@ log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
+class LogitScale(nn.Module):
+    """CLIP's learnt inverse temperature, exp(log), capped. A module of its own holding a 1-d parameter: FSDP shards
+    no scalar, and accelerate's FSDP2 loading expects every parameter inside a submodule."""
+
+    def __init__(self, temperature: float) -> None:
+        super().__init__()
+        self.log = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))
+
+    def forward(self) -> torch.Tensor:
+        return self.log.clamp(max=MAX_LOGIT_SCALE).exp()
+
+
 class AlignModel(nn.Module):
     """The trainable side: tower (stem frozen) + CLIP's learnable temperature."""
 
     def __init__(self, tower: GeoHybridVisionModel, temperature: float) -> None:
         super().__init__()
         self.tower = tower
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.logit_scale = LogitScale(temperature)
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """Unit vectors (B, D) of pixel values (B, 3, S, S) or cached stem features (B, N, C)."""
@@ -80,7 +92,7 @@ class AlignModel(nn.Module):
         """The loss of a batch (a forward, so that data-parallel wrappers see the call). `text` (T, D) holds
         one caption an image (`owner` None: text i is image i's) or several (`owner[t]`: text t's image)."""
         z = self.embed(inputs)
-        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        scale = self.logit_scale()
         logits = scale * z @ text.T  # (B, T)
         if owner is None:
             target = torch.arange(len(z), device=z.device)
@@ -307,7 +319,13 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
 
     eval_fn = _val_fn(model, data, device, mean, std) if data.val is not None else None
     trainer.fit(loss_fn, eval_fn, progress, stop_after)
+    gathered = trainer.gathered_state()  # every process: under FSDP the weights are gathered whole
     if trainer.is_main:
+        if gathered is not None:  # FSDP sharded the tower in place: a fresh copy takes the trained weights
+            tower = build_tower(recipe, overrides, start, stem_state)
+            model = AlignModel(tower, cfg.temperature)
+            model.load_state_dict(gathered)
+            model.to(device)
         bank = None
         if isinstance(cfg, RetrievalConfig) and cfg.query_bank:
             model.eval()

@@ -232,7 +232,11 @@ def run_chat_stage(recipe: Recipe, stage: str, cfg: ChatStageConfig, directory: 
         return {"val_loss": float(np.mean(losses))}
 
     trainer.fit(loss_fn, eval_fn if val else None, progress, stop_after)
+    gathered = trainer.gathered_state()  # every process: under FSDP the weights are gathered whole
     if trainer.is_main:
+        if gathered is not None:  # FSDP sharded the model in place: a fresh copy takes the trained weights
+            assistant = build_assistant(recipe.assistant_config(stage))
+            assistant.model.load_state_dict(gathered)
         trained = replace(assistant, config=assistant.config.with_changes(projector_trained=True))
         save_assistant(trained, directory / "assistant")
     return directory / "assistant"

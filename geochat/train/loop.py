@@ -10,6 +10,12 @@ optimizer state, the step and the loss history; it is written to a temporary dir
 so a kill during a save leaves the previous checkpoint intact (as `.checkpoint.old` if the kill falls between
 the two renames; resuming reads it then). Distributed runs go through
 `accelerate` (one CPU process is the degenerate case); only the main process writes.
+
+Under FSDP (version 2: `adapters/accelerate/fsdp.yaml`) `accelerate` shards the module in place: each process
+holds a slice of every weight. Checkpoints then gather the trainable weights whole through
+`torch.distributed.checkpoint` (keyed by parameter name, so they resume under any number of processes),
+evaluations run inside `Trainer.whole()`, and a stage saves from `Trainer.gathered_state()` put into a fresh,
+unsharded copy of its model.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ from geochat.errors import GeoChatError
 from geochat.train.recipe import OptimConfig, RunConfig
 
 CHECKPOINT = "checkpoint"
+SHARDED = "sharded"  # state.json's flag: the optimizer state is keyed by parameter name (FSDP)
 DONE = "done.json"
 
 
@@ -104,7 +112,14 @@ class Trainer:
                                        "accumulates on its own); raise optim.batch_size instead")
                 deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = max(
                     1, optim.batch_size // accelerator.num_processes)
+            fsdp = getattr(accelerator.state, "fsdp_plugin", None)
+            if fsdp is not None and fsdp.fsdp_version != 2:
+                raise GeoChatError(f"stage {name}: FSDP version {fsdp.fsdp_version} is not supported; set "
+                                   "fsdp_version: 2 in the accelerate config (adapters/accelerate/fsdp.yaml)")
             self.module, self.optimizer = accelerator.prepare(self.module, self.optimizer)
+        self.sharded = _is_sharded(self.module)
+        if self.sharded:  # FSDP swapped every parameter for a sharded one: clip those the optimizer now holds
+            self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.history = History()
         self.step = 0
         directory.mkdir(parents=True, exist_ok=True)
@@ -121,17 +136,57 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
 
+    def _checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(trainable weights, optimizer state), whole, on the main process. Every process must call it."""
+        if not self.sharded:
+            return trainable_state(_unwrap(self.module)), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        weights, optimizer = get_state_dict(self.module, self.optimizer, options=options)
+        return {k: torch.as_tensor(v).contiguous() for k, v in weights.items()}, dict(optimizer)
+
+    def gathered_state(self) -> dict[str, torch.Tensor] | None:
+        """Under FSDP: the whole module's weights gathered whole, in full precision, on the main process (None on
+        the others); every process must call it. Without sharding: None, as the module holds them whole."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: torch.as_tensor(v) for k, v in state.items()} if self.is_main else None
+
+    @contextmanager
+    def whole(self) -> Iterator[None]:
+        """Inside, every weight is whole on every process, so code may call the module's parts and methods
+        besides `forward` (evaluation); every process must enter it. Under FSDP the weights are gathered in
+        its compute precision, with autocast to match; without sharding, nothing changes."""
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in self.module.modules() if isinstance(m, FSDPModule)] if self.sharded else []
+        for unit in units:
+            unit.unshard()
+        try:
+            low = next((p.dtype for p in self.module.parameters() if p.dtype != torch.float32), None) if units else None
+            device = next(self.module.parameters()).device
+            with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+                yield
+        finally:
+            for unit in units:
+                unit.reshard()
+
     def save_checkpoint(self) -> None:
+        weights, optimizer = self._checkpoint_state()
         if not self.is_main:
             return
         final = self.directory / CHECKPOINT
         tmp = self.directory / f".{CHECKPOINT}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(trainable_state(_unwrap(self.module)), str(tmp / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": self.step, "train": self.history.train,
-                                                    "evals": self.history.evals}))
+                                                    "evals": self.history.evals, SHARDED: self.sharded}))
         old = self.directory / f".{CHECKPOINT}.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -146,12 +201,23 @@ class Trainer:
             ckpt = old  # killed between save_checkpoint's two renames: the previous checkpoint is whole
         if not (ckpt / "state.json").is_file():
             return False
-        module = _unwrap(self.module)
-        result = module.load_state_dict(load_file(str(ckpt / "trainable.safetensors")), strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"checkpoint {ckpt} does not fit this model: {result.unexpected_keys[:5]}")
-        self.optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
         state = json.loads((ckpt / "state.json").read_text())
+        if bool(state.get(SHARDED, False)) != self.sharded:
+            written, now = ("without", "with") if self.sharded else ("with", "without")
+            raise GeoChatError(f"checkpoint {ckpt} was written {written} FSDP and this run is {now} it: resume it "
+                               "under the accelerate config that wrote it")
+        weights = load_file(str(ckpt / "trainable.safetensors"))
+        optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.module, self.optimizer, model_state_dict=dict(weights), optim_state_dict=optimizer,
+                           options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            result = _unwrap(self.module).load_state_dict(weights, strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"checkpoint {ckpt} does not fit this model: {result.unexpected_keys[:5]}")
+            self.optimizer.load_state_dict(optimizer)
         self.step = int(state["step"])
         self.history = History([tuple(x) for x in state["train"]], state["evals"])  # type: ignore[misc]
         self._forget_log_after(self.step)
@@ -190,7 +256,7 @@ class Trainer:
                     loss.backward()
                 total += float(loss.detach())
             if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)  # DTensor-aware under FSDP
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -203,7 +269,7 @@ class Trainer:
                 window = []
             if eval_fn is not None and (self.step % run.eval_every == 0 or self.step == cfg.max_steps):
                 self.module.eval()
-                with torch.no_grad():
+                with torch.no_grad(), self.whole():
                     metrics = {"step": self.step, **eval_fn()}
                 self.history.evals.append(metrics)
                 self._log({"eval": metrics})
@@ -252,6 +318,12 @@ class Trainer:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         return path
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
