@@ -21,6 +21,7 @@ from geochat.answer import Answer, Timings
 from geochat.box_geometry import (
     BoxGrid,
     box_extent,
+    clip_to_frame,
     iou_within,
     merge_boxes,
     min_area_rectangle,
@@ -169,8 +170,13 @@ def chat_tiled(
             x1, y1, x2, y2, theta = result.pixel
             box = Box(t.col + x1 * scale, t.row + y1 * scale, t.col + x2 * scale, t.row + y2 * scale, theta)
             found.append((result.phrase, box, t, cut_edges(box, t, info.width, info.height)))
-    merged = merge_boxes(join_cut_boxes(found))
-    results, geojson = box_results([(p, (b.x1, b.y1, b.x2, b.y2, b.theta), b.corners()) for p, b in merged], info)
+    located = []
+    for phrase, b in merge_boxes(join_cut_boxes(found)):
+        # a turned box at the raster's edge is cut there, as on one view (`pixel` stays the model's rectangle)
+        polygon = clip_to_frame(b.corners(), info.width, info.height)
+        if polygon:
+            located.append((phrase, (b.x1, b.y1, b.x2, b.y2, b.theta), polygon))
+    results, geojson = box_results(located, info)
     return Answer(
         answer=" ".join(texts),
         reasoning=None,

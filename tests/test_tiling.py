@@ -123,3 +123,40 @@ def test_an_object_across_a_seam_is_one_box(tiny_llm_dir: Path, geotiffs: dict[s
     monkeypatch.setattr(gc, "chat", chat_seeing_the_tanks)
     answer = gc.chat_tiled(geotiffs["rect_600x300_utm.tif"], "tank", tile=256, overlap=32)
     assert sorted(tuple(round(v) for v in b.pixel[:4]) for b in answer.boxes) == sorted(tanks)
+
+
+def test_a_turned_box_at_the_raster_edge_is_cut_there(tiny_llm_dir: Path, geotiffs: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last column's tile reports a box turned 30° that reaches past the raster's right edge, and one in its
+    padding: the GeoJSON polygon of the first ends at the edge, as on one view; the second is dropped."""
+    from rasterio.warp import transform
+
+    from geochat.answer import BoxResult
+    from geochat.imagery import map_to_pixel
+
+    gc = GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=4)
+    real_chat = gc.chat
+    tiles = plan_tiles(600, 300, 256, 32)
+    last = max(tiles, key=lambda t: (t.col, t.row))
+    order = iter(tiles)
+
+    def chat_at_the_edge(image, message, **kwargs):  # type: ignore[no-untyped-def]
+        answer: Answer = real_chat(image, message, **kwargs)
+        t = next(order)
+        boxes = []
+        if t == last:  # tile pixels: this tile ends at the raster's edge (column 600)
+            boxes = [BoxResult("pier", (t.width - 60, 40, t.width + 20, 80, 30.0), None),
+                     BoxResult("ghost", (t.width + 10, 40, t.width + 60, 80, 0.0), None)]
+        return Answer(**{**answer.__dict__, "boxes": boxes})
+
+    monkeypatch.setattr(gc, "chat", chat_at_the_edge)
+    path = geotiffs["rect_600x300_utm.tif"]
+    answer = gc.chat_tiled(path, "pier", tile=256, overlap=32)
+    assert [b.phrase for b in answer.boxes] == ["pier"]
+    assert answer.boxes[0].pixel[2] > 600  # the model's rectangle, as it said it
+    assert answer.geojson is not None and len(answer.geojson["features"]) == 1
+    ring = answer.geojson["features"][0]["geometry"]["coordinates"][0]
+    info = load_image(path).info
+    east, north = transform("EPSG:4326", info.crs, [p[0] for p in ring], [p[1] for p in ring])
+    xs = [x for x, _ in map_to_pixel(info, list(zip(east, north, strict=True)))]
+    assert max(xs) == pytest.approx(600, abs=0.01) and min(xs) < 560
