@@ -45,6 +45,7 @@ from geochat.imagery import LoadedImage, load_image
 from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
 from geochat.model.config import AssistantConfig, offline_default_config
 from geochat.model.processor import to_pixel_values
+from geochat.model.weights import TRAINED_DEFAULT_DIR
 from geochat.prompting import (
     SYSTEM_PROMPT,
     TASK_TOKENS,
@@ -61,7 +62,6 @@ ImageInput = str | Path | bytes | np.ndarray | LoadedImage | Any  # Any: PIL.Ima
 
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_SESSIONS = 8  # images whose encodings and KV caches are kept (LRU)
-TRAINED_DEFAULT_DIR = Path(__file__).resolve().parent.parent / "adapters" / "geochat-mini"
 
 
 # A chat turn is given only passages at least this close to the question (MiniLM cosine). Measured over the

@@ -213,7 +213,8 @@ def test_a_query_bank_beside_the_tower_reranks_text_search_by_hubness(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A tower with a query bank ranks images for a text by cosine − the bank's hubness offset, and reports
     that score; an image that sits among many of the bank's caption keys drops below its cosine rank."""
-    from geochat.retrieval.embedders import TRAINED_DEFAULT_DIR, TowerEmbedder
+    from geochat.model.weights import TRAINED_DEFAULT_DIR
+    from geochat.retrieval.embedders import TowerEmbedder
     from geochat.retrieval.images import load_rgb
     from geochat.train.dual_encoder import QueryBank, save_query_bank
 

@@ -606,6 +606,7 @@ def test_two_cpu_processes_train_the_recipe_and_write_once(tmp_path: Path, data:
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "geochat.train", str(path), "--quiet"],
                           capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("trained: ") == 1  # said once for the run, not once a process
     final = tmp_path / "out" / "assistant"
     assert (final / "projector.safetensors").is_file() and (final / "vision" / "model.safetensors").is_file()
     assert GeoChat.from_pretrained(final, max_new_tokens=2).model_info.name != ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,5 +24,6 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     final = run_recipe(recipe, args.output, resume=args.resume, progress=not args.quiet)
-    print(f"trained: {final}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # one line for a run, not one a process (torchrun / accelerate set RANK)
+        print(f"trained: {final}", file=sys.stderr)
     return 0

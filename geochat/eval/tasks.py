@@ -223,9 +223,10 @@ def labels_of(rows: Sequence[Row], given: str | None) -> list[str]:
 
 def load_dual(model: str | None) -> Any:
     """The dual encoder of an assistant/align directory (its search tower if it has one), or of the shipped default."""
-    from geochat.engine import TRAINED_DEFAULT_DIR, names_the_default
+    from geochat.engine import names_the_default
     from geochat.model.config import CONFIG_FILE, AssistantConfig
     from geochat.model.hybrid_tower import GeoHybridVisionConfig, GeoHybridVisionModel
+    from geochat.model.weights import TRAINED_DEFAULT_DIR
     from geochat.train.dual_encoder import (
         DualEncoder,
         TextEncoder,

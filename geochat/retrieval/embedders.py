@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from geochat.errors import GeoChatError
+from geochat.model.weights import TRAINED_DEFAULT_DIR
 from geochat.retrieval.store import MixedEmbedderError
 from geochat.retrieval.text import TextEmbedder
 
@@ -34,7 +35,6 @@ EMBED_SIZE = 224
 STEM_EMBEDDER = "efficientnet-lite0-stem-mean"
 WEIGHTS_KEY = "geochat_weights"  # collection metadata: the embedder's `weights` digest
 TOWER_PREFIX = "tower:"
-TRAINED_DEFAULT_DIR = Path(__file__).resolve().parents[2] / "adapters" / "geochat-mini"
 
 
 class ImageEmbedder(Protocol):
