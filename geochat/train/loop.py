@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,7 @@ class Trainer:
         try:
             low = next((p.dtype for p in self.module.parameters() if p.dtype != torch.float32), None) if units else None
             device = next(self.module.parameters()).device
-            with torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None):
+            with torch.autocast(device.type, dtype=low) if low is not None else nullcontext():
                 yield
         finally:
             for unit in units:
