@@ -38,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from geochat.answer import Answer, ModelInfo, Timings, Turn
 from geochat.errors import GeoChatError
-from geochat.generation import AnswerStream, StopOnLoop, TextCallback, TimedStreamer, one_of
+from geochat.generation import AnswerStream, StopOnLoop, TextCallback, TimedStreamer, check_context, one_of
 from geochat.georeference import georeference, region_to_grid
 from geochat.grounding import parse_boxes, strip_grounding
 from geochat.imagery import LoadedImage, load_image
@@ -52,6 +52,7 @@ from geochat.prompting import (
     Passage,
     Task,
     build_user_message,
+    check_text,
     prompt_facts,
     split_reasoning,
 )
@@ -168,6 +169,7 @@ class GeoChat:
         start = time.perf_counter()
         if max_new_tokens is not None:
             _check_max_new_tokens(max_new_tokens)
+        check_text(message, labels)
         task = Task(task) if task is not None else Task.CHAT
         loaded = self._load(image, bands, sensor)
         region_box = region_to_grid(region, loaded) if region is not None else None
@@ -194,6 +196,7 @@ class GeoChat:
         with self._lock:
             encode_s, session = self._session(loaded)
             ids = self._prompt_ids(turns, user, with_image=loaded is not None)
+            check_context(self.assistant, len(ids), max_new_tokens or self.max_new_tokens)
             streamer = TimedStreamer(self.assistant.tokenizer, on_text)
             gen_start = time.perf_counter()
             allowed = label_constraint(self.assistant, task, labels, len(ids), cot)
@@ -244,6 +247,8 @@ class GeoChat:
         messages = [message] * len(images) if isinstance(message, str) else list(message)
         if len(messages) != len(images):
             raise GeoChatError(f"{len(messages)} messages for {len(images)} images")
+        for text in messages:
+            check_text(text, labels)
         loaded = [self._load(image, None, None) for image in images]
         prompts = []
         for item, text in zip(loaded, messages, strict=True):
@@ -254,6 +259,7 @@ class GeoChat:
                 raise GeoChatError(str(exc)) from exc
             prompts.append(prompt_ids(a, [], user, with_image=True))
         width = max(len(p) for p in prompts)
+        check_context(a, width, max_new_tokens or self.max_new_tokens)
         pad = a.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])

@@ -30,5 +30,9 @@ class GroundingParseError(GeoChatError):
     """Text that was supposed to hold a box could not be parsed."""
 
 
+class PromptTooLongError(GeoChatError):
+    """The conversation and the answer's room would not fit the model's context window."""
+
+
 class ModelLoadError(GeoChatError):
     """A model directory, file or hub id could not be loaded."""

@@ -16,6 +16,7 @@ import torch
 from transformers import StoppingCriteria, TextStreamer
 
 from geochat.box_geometry import rotated_iou
+from geochat.errors import PromptTooLongError
 from geochat.grounding import Box, parse_boxes
 
 if TYPE_CHECKING:
@@ -179,3 +180,14 @@ def one_of(a: Assistant, options: Sequence[str], prompt_length: int) -> Callable
         return sorted(nxt)
 
     return allowed
+
+
+def check_context(a: Assistant, prompt_length: int, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with room for the answer, is longer than the model's context window: past it the
+    model does not answer sensibly, and a CPU spends minutes reading it (24,000 tokens: 12 minutes)."""
+    window = getattr(a.model.config.text_config, "max_position_embeddings", None)
+    if window and prompt_length + max_new_tokens > window:
+        raise PromptTooLongError(
+            f"the conversation is {prompt_length:,} tokens and the answer may take {max_new_tokens:,} more, past the "
+            f"model's context window of {window:,} tokens; shorten the question or the history, or start a new "
+            "conversation")

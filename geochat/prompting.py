@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from geochat.errors import GeoChatError
 from geochat.grounding import Box, format_box
 
 
@@ -280,3 +281,18 @@ def cited_ids(text: str) -> list[str]:
             if pid not in out:
                 out.append(pid)
     return out
+
+
+def check_text(message: str, labels: Sequence[str] | None = None) -> None:
+    """Refuse text the tokenizers cannot read: not valid Unicode (a lone surrogate, which a faulty client or a
+    command line in another encoding can send), or a label with nothing in it."""
+    named = [("the message", message), *((f"label {i + 1}", label) for i, label in enumerate(labels or ()))]
+    for what, text in named:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise GeoChatError(f"{what} is not valid Unicode text (a lone surrogate at character {exc.start}); "
+                             "send it as UTF-8") from exc
+    blank = [i + 1 for i, label in enumerate(labels or ()) if not label.strip()]
+    if blank:
+        raise GeoChatError(f"labels must each name a class; label {blank[0]} is empty")

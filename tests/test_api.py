@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -278,6 +279,13 @@ def test_a_vrt_is_refused_as_an_upload_and_under_a_tif_name(tmp_path: Path) -> N
     ("identify without region", 400, "region"),
     ("refer without image", 400, "needs an image"),
     ("bad task", 400, "task"),
+    ("lone surrogate", 400, "not valid Unicode"),
+    ("lone surrogate label", 400, "not valid Unicode"),
+    ("blank label", 400, "label 1 is empty"),
+    ("number of 4,301 digits", 400, "JSON"),
+    ("truncated png", 422, "truncated"),
+    ("tokens past the context", 413, "context window"),
+    ("bad content part", 400, "type"),
 ])
 def test_bad_requests_get_4xx_with_a_message(
     server: str, geotiffs: dict[str, Path], name: str, status: int, words: str
@@ -310,12 +318,39 @@ def test_bad_requests_get_4xx_with_a_message(
         "identify without region": {"messages": [user("what is it", png)], "task": "identify"},
         "refer without image": {"messages": [user("the airport")], "task": "refer"},
         "bad task": {"messages": [user("hi", png)], "task": "dance"},
+        # JSON's \ud800 escape is a lone surrogate: valid JSON, not text a tokenizer can read
+        "lone surrogate": b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}',
+        "lone surrogate label": json.dumps({"messages": [user("which?", png)], "task": "classify",
+                                            "labels": ["a@", "b"]}).replace("a@", "a\\udfff"),
+        "blank label": {"messages": [user("which?", png)], "task": "classify", "labels": ["  ", "forest"]},
+        "number of 4,301 digits": b'{"messages": [{"role": "user", "content": "hi"}], "temperature": ' + b"9" * 4301
+                                  + b"}",
+        "truncated png": {"messages": [user("hi", data_url(png_bytes(0)[: len(png_bytes(0)) // 2], "image/png"))]},
+        # 1,500 characters (under max_prompt_chars) but 4 bytes, so 4 tokens, each: past the tiny LLM's 1,024
+        "tokens past the context": {"messages": [user("\U0001f6f0" * 1500, png)]},
+        "bad content part": {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
     }
     r = post(server, "/v1/chat/completions", bodies[name])
     assert r.status_code == status, r.text
     message = r.json()["error"]["message"]
     assert words.lower() in message.lower()
     assert "Traceback" not in message
+
+
+def test_the_same_file_under_two_names_is_one_image(server: str, geotiffs: dict[str, Path]) -> None:
+    path = geotiffs["rgb_uint8_3857.tif"]
+    body = {"messages": [user("hi", path.name), {"role": "assistant", "content": "a scene"},
+                         user("and its roads?", str(path.resolve()))], "max_tokens": 2}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+
+
+def test_a_wrong_method_gets_405_in_the_error_shape(server: str) -> None:
+    for method, path, allowed in (("GET", "/v1/chat/completions", "POST"), ("PUT", "/v1/ground", "POST"),
+                                  ("POST", "/v1/models", "GET")):
+        r = httpx.request(method, server + path, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+        assert r.status_code == 405, (method, path, r.text)
+        assert r.headers["allow"] == allowed and allowed in r.json()["error"]["message"]
 
 
 def test_oversize_body_is_refused_before_reading(server: str, settings: ServingSettings) -> None:

@@ -635,3 +635,19 @@ def test_a_crs_without_a_geotransform_is_not_georeferenced(tmp_path: Path) -> No
     path = _write(tmp_path / "crs_only.tif", np.ones((300, 300), np.uint8), crs="EPSG:4326")
     info = read_info(path)
     assert info.crs == "EPSG:4326" and info.transform is None and info.bounds_lonlat is None
+
+
+def test_a_cut_png_is_refused_not_read_as_garbage(tmp_path: Path) -> None:
+    """GDAL's PNG driver returns whatever its buffer held for pixels past a cut, with no error."""
+    whole = tmp_path / "whole.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)).save(whole)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])
+    for source in (cut, data[: len(data) // 2]):
+        with pytest.raises(ImageryError, match="truncated"):
+            load_image(source)
+    trailing = tmp_path / "trailing.png"
+    trailing.write_bytes(data + b"junk after IEND")
+    for source in (whole, data, trailing):
+        assert load_image(source).rgb.shape == (64, 64, 3)

@@ -11,13 +11,15 @@ so a concurrent read elsewhere in the process shares the cap while one of ours r
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import rasterio
@@ -137,6 +139,25 @@ def _array_dataset(arr: np.ndarray, interp: tuple[ColorInterp, ...] | None) -> I
             yield ds
 
 
+def _png_is_cut(f: BinaryIO, size: int) -> bool:
+    """Whether a PNG file ends before its IEND chunk. GDAL's PNG driver reports no error for pixels past a cut:
+    it returns whatever its buffer held (seen: bytes of text), a different image on every read."""
+    pos = 8  # the signature
+    while pos + 8 <= size:
+        f.seek(pos)
+        length, kind = struct.unpack(">I4s", f.read(8))
+        if kind == b"IEND":
+            return False
+        pos += 12 + length  # length, type, data, CRC
+    return True
+
+
+def _refuse_cut_png(ds: DatasetReader, f: BinaryIO, size: int, name: str) -> None:
+    if ds.driver == "PNG" and _png_is_cut(f, size):
+        raise ImageryError(f"{name} is truncated: its PNG data stops before the end of the image; "
+                           "download or export it again")
+
+
 def _is_remote(path: str) -> bool:
     return "://" in path or path.startswith("/vsi")
 
@@ -153,11 +174,15 @@ def open_source(source: ImageSource) -> Iterator[tuple[DatasetReader, str | None
             if p.is_dir():
                 raise ImageryError(f"{path} is a directory; pass an image file (GeoTIFF/COG, PNG, JPEG)")
         with _checked_open(lambda: rasterio.open(path), path) as ds:
+            if ds.driver == "PNG" and not _is_remote(path):
+                with open(path, "rb") as f:
+                    _refuse_cut_png(ds, f, os.path.getsize(path), path)
             yield ds, path, path
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageryError("the image bytes are empty; upload the file again")
         with MemoryFile(bytes(source)) as mf, _checked_open(mf.open, "the uploaded image") as ds:
+            _refuse_cut_png(ds, io.BytesIO(source), len(source), "the uploaded image")
             yield ds, None, "the uploaded image"
     elif isinstance(source, Image.Image):
         arr, interp = _pil_to_array(source)

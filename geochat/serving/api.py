@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from geochat.answer import Answer, Turn
 from geochat.engine import GeoChat
@@ -97,9 +98,11 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
                             raise ApiError(413, f"request body is larger than {settings.max_body_bytes:,} bytes")
             except TimeoutError as exc:
                 raise ApiError(408, f"the request body took longer than {BODY_READ_TIMEOUT_S} s to arrive") from exc
+            except ClientDisconnect as exc:  # nobody to answer; not a server error
+                raise ApiError(400, "the client closed the connection before its request body arrived") from exc
             try:
                 return json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            except ValueError as exc:  # not JSON, not UTF-8, or a number of more than 4,300 digits
                 raise ApiError(400, f"request body is not valid JSON ({exc})") from exc
             except RecursionError as exc:
                 raise ApiError(400, "request body nests JSON too deeply") from exc
@@ -129,9 +132,14 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
         total = sum(len(t) for _, t in texts) + sum(len(label) for label in req.labels or ())
         if total > settings.max_prompt_chars:
             raise ApiError(413, f"messages hold {total:,} characters, more than max_prompt_chars={settings.max_prompt_chars:,}")
-        if len(set(images)) > 1:
+        sources: dict[Any, Any] = {}  # the same file or upload sent again (under any name) is one image
+        for reference in dict.fromkeys(images):
+            source = image_source(reference, settings)
+            sources.setdefault(source if isinstance(source, bytes) else source.resolve(), source)
+        if len(sources) > 1:
             raise ApiError(400, "a conversation may hold one image; start a new conversation for another image")
-        loaded = load(images[0], req.bands, req.sensor) if images else None
+        loaded = (open_image(next(iter(sources.values())), settings, bands=req.bands, sensor=req.sensor)
+                  if sources else None)
         turns: list[Turn] = []
         pending: str | None = None
         for role, text in texts[:-1]:
@@ -217,6 +225,16 @@ def build_router(gc: GeoChat, settings: ServingSettings) -> APIRouter:
         return JSONResponse(collection)
 
     router.include_router(protected)
+
+    def wrong_method(allowed: str) -> Any:
+        async def refuse(request: Request) -> JSONResponse:
+            return JSONResponse(error_body(f"{request.method} is not allowed on {request.url.path}; use {allowed}"),
+                                status_code=405, headers={"Allow": allowed})
+        return refuse
+
+    for path, allowed in (("/v1/chat/completions", "POST"), ("/v1/ground", "POST"), ("/v1/models", "GET")):
+        router.add_api_route(path, wrong_method(allowed), include_in_schema=False,
+                             methods=[m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if m != allowed])
     return router
 
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from geochat.errors import GeoChatError, ImageryError
+from geochat.errors import GeoChatError, ImageryError, PromptTooLongError
 from geochat.serving.images import BadImageReferenceError, ImageAccessError, ImageTooLargeError
 from geochat.serving.limits import QueueFullError
 
@@ -74,7 +74,7 @@ class ApiError(Exception):
 
 
 def status_of(exc: GeoChatError) -> int:
-    if isinstance(exc, ImageTooLargeError):
+    if isinstance(exc, (ImageTooLargeError, PromptTooLongError)):
         return 413
     if isinstance(exc, ImageAccessError):
         return 403
@@ -112,7 +112,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def validation_message(exc: ValidationError) -> str:
-    first = exc.errors()[0]
+    # the deepest problem says what to fix: in {"content": "…" or [parts]}, a bad part's error rather
+    # than "content.str: Input should be a valid string"
+    first = max(exc.errors(), key=lambda e: len(e.get("loc", ())))
     where = ".".join(str(p) for p in first.get("loc", ())) or "body"
     more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
     return f"{where}: {first.get('msg', 'invalid')}{more}"
