@@ -15,8 +15,9 @@ from geochat import Answer, BoxResult, GeoChat
 from geochat.answer import ModelInfo, Timings
 from geochat.engine import AnswerStream
 from geochat.errors import GeoChatError
+from geochat.grounding import strip_grounding
 from geochat.imagery import load_image, polygons_to_geojson
-from geochat.prompting import Passage
+from geochat.prompting import Passage, split_reasoning
 from geochat.retrieval import ImageHit
 from geochat.serving import ServingSettings
 from geochat.serving.images import ImageTooLargeError, parse_bands
@@ -300,6 +301,15 @@ def test_live_text_hides_unfinished_markup_and_grows() -> None:
     assert (reasoning, answer) == ("the water is dark. Answ", "")
     reasoning, answer = live_split("Reasoning: the water is dark.\nAnswer: a lake", cot=True)
     assert (reasoning, answer) == ("the water is dark.", "a lake")
+    # no reasoning given: the answer streams as the answer (what split_reasoning will call it), never as both
+    for raw in ("Yes.", "**Residential** area", "Reason enough"):
+        reasoning_seen, answer_seen = AppendOnly(), AppendOnly()
+        for i in range(1, len(raw) + 1):
+            r, a = live_split(raw[:i], cot=True)
+            reasoning_seen.advance(r or "")
+            answer_seen.advance(a)
+        assert reasoning_seen.sent == "" and answer_seen.sent == strip_grounding(split_reasoning(raw)[1])
+    assert live_split("Reas", cot=True) == (None, "") and live_split("**Reasoning", cot=True) == (None, "")
 
 
 # -- the Gradio wiring, called directly -----------------------------------------------------------

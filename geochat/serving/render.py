@@ -122,17 +122,26 @@ def _complete_prefix(raw: str) -> str:
 def live_split(raw: str, cot: bool) -> tuple[str | None, str]:
     """(reasoning, answer) for text still being generated, markup stripped, unfinished tail held back.
 
-    With chain-of-thought, everything before the ``Answer:`` marker counts as reasoning until the
-    marker arrives (a plain `split_reasoning` would call it all answer, then take it back).
+    With chain-of-thought, text that opens with the ``Reasoning:`` label counts as reasoning until the
+    ``Answer:`` marker arrives (a plain `split_reasoning` would call it all answer, then take it back); text
+    that opens otherwise is the answer, as `split_reasoning` will call it when the model gives no reasoning
+    (asked "Is it vegetated?", it may just say "Yes."); what could still become the label waits.
     """
     text = _complete_prefix(raw)
     if not cot:
         return None, strip_grounding(text)
     reasoning, answer = split_reasoning(text)
     if reasoning is None and answer == text.strip():  # no marker yet
-        # Appending a marker reuses split_reasoning's own rule for dropping the "Reasoning:" label.
-        reasoning, answer = split_reasoning(text + "\nAnswer:")[0], ""
+        head = re.sub(r"^[\s>#*_-]+", "", text).lower()
+        if "reasoning:".startswith(head.rstrip()):  # nothing yet, or the label still arriving
+            return None, ""
+        if _REASONING_OPENS.match(text):
+            # Appending a marker reuses split_reasoning's own rule for dropping the "Reasoning:" label.
+            reasoning, answer = split_reasoning(text + "\nAnswer:")[0], ""
     return (strip_grounding(reasoning) if reasoning else None), strip_grounding(answer)
+
+
+_REASONING_OPENS = re.compile(r"^[\s>#*_-]*reasoning\b", re.IGNORECASE)
 
 
 class AppendOnly:
