@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from geochat.errors import GeoChatError
 from geochat.grounding import Box
 
 
@@ -18,6 +19,15 @@ class Turn:
 
     user: str
     assistant: str
+
+    @classmethod
+    def of(cls, turn: Turn | tuple[str, str] | list[str]) -> Turn:
+        """A history entry: a `Turn`, or a (question, answer) pair of strings."""
+        if isinstance(turn, Turn):
+            return turn
+        if isinstance(turn, (tuple, list)) and len(turn) == 2 and all(isinstance(x, str) for x in turn):
+            return cls(*turn)
+        raise GeoChatError(f"each history entry is a Turn or a (question, answer) pair of strings, got {turn!r:.80}")
 
 
 @dataclass(frozen=True)

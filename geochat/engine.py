@@ -47,6 +47,7 @@ from geochat.model.config import AssistantConfig, offline_default_config
 from geochat.model.processor import to_pixel_values
 from geochat.model.weights import TRAINED_DEFAULT_DIR
 from geochat.prompting import (
+    NEEDS_IMAGE,
     SYSTEM_PROMPT,
     TASK_TOKENS,
     Passage,
@@ -55,6 +56,7 @@ from geochat.prompting import (
     check_text,
     prompt_facts,
     split_reasoning,
+    task_of,
 )
 
 log = logging.getLogger(__name__)
@@ -169,9 +171,13 @@ class GeoChat:
         start = time.perf_counter()
         if max_new_tokens is not None:
             _check_max_new_tokens(max_new_tokens)
+        if not isinstance(message, str):
+            raise GeoChatError(f"the message must be text, got {type(message).__name__}")
         check_text(message, labels)
-        task = Task(task) if task is not None else Task.CHAT
+        task = task_of(task)
         loaded = self._load(image, bands, sensor)
+        if loaded is None and task in NEEDS_IMAGE:
+            raise GeoChatError(f"the {task.value} task is about an image's pixels: pass an image")
         region_box = region_to_grid(region, loaded) if region is not None else None
         if task is Task.IDENTIFY and region_box is None:
             raise GeoChatError("the identify task needs a region: pass --region x1,y1,x2,y2 (pixels)")
@@ -185,7 +191,7 @@ class GeoChat:
                 log.warning("documentation search failed (%s); answering without passages", exc)  # must not
                 passages = []                                                                        # stop the answer
         facts = loaded.facts if loaded is not None else {}
-        turns = [t if isinstance(t, Turn) else Turn(*t) for t in (history or ())]
+        turns = [Turn.of(t) for t in (history or ())]
         try:
             user = build_user_message(
                 message, task=task, region=region_box, facts=prompt_facts(facts) if not turns else None,
@@ -238,7 +244,7 @@ class GeoChat:
         one copy, as in `chat`). Several times faster than one `chat` per image on a CPU, since decoding a
         batch costs about as much as decoding one sequence.
         """
-        task = Task(task) if task is not None else Task.CHAT
+        task = task_of(task)
         if task in TASK_TOKENS:
             raise GeoChatError("chat_batch answers text questions; use chat for refer/grounding/identify")
         if not images:

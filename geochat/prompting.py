@@ -283,6 +283,16 @@ def cited_ids(text: str) -> list[str]:
     return out
 
 
+def task_of(task: Task | str | None) -> Task:
+    """The task a caller named (None: chat), or an error that lists the tasks."""
+    try:
+        return Task(task) if task is not None else Task.CHAT
+    except ValueError:
+        raise GeoChatError(f"unknown task {task!r}; the tasks are {', '.join(t.value for t in Task)}") from None
+
+# The tasks that are about pixels: asked without an image, they are refused rather than answered from nothing.
+NEEDS_IMAGE = (Task.CAPTION, Task.CLASSIFY, Task.REFER, Task.GROUNDING, Task.IDENTIFY)
+
 def check_text(message: str, labels: Sequence[str] | None = None) -> None:
     """Refuse text the tokenizers cannot read: not valid Unicode (a lone surrogate, which a faulty client or a
     command line in another encoding can send), or a label with nothing in it."""

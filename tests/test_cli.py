@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +82,23 @@ def test_caption_needs_no_question(capsys: pytest.CaptureFixture[str], model_dir
         (["{s2}", "q", "--task", "identify"], "needs a region"),
         (["only-one-arg"], "pass an image and a question"),
         (["{s2}", "q", "--task", "classify", "--labels", " , "], "names no label"),
+        # the drawing's path is checked before the model runs, and never overwrites the input
+        (["{s2}", "q", "--out", "{s2}"], "is the input image, which the drawing would overwrite"),
+        (["{s2}", "q", "--out", "{dir}"], "is a folder; name a picture file in it"),
+        (["{s2}", "q", "--out", "{dir}/boxes.tif"], "name a .png or .jpg file"),
+        (["{s2}", "q", "--out", "/no/such/folder/boxes.png"], "the folder /no/such/folder does not exist"),
+        (["{s2}", "q", "--overlap", "10"], "--overlap applies to tiles: pass --tile as well"),
+        (["{s2}", "q", "--tile", "0"], "--tile (0) must be larger than --overlap (128)"),
+        (["--no-image", "q", "--bands", "1,2,3"], "--bands need an image"),
+        (["--no-image", "where?", "--task", "refer"], "the refer task is about an image's pixels"),
+        (["{s2}", "q", "--task", "classify", "--labels", "forest,\ud800"], "not valid Unicode"),
     ],
 )
 def test_errors_are_one_line_exit_2(
     capsys: pytest.CaptureFixture[str], model_dir: Path, geotiffs: dict[str, Path], args: list[str], message: str
 ) -> None:
-    args = [a.format(corrupt=geotiffs["corrupt.tif"], s2=geotiffs["s2_13band_uint16_utm33.tif"]) for a in args]
+    args = [a.format(corrupt=geotiffs["corrupt.tif"], s2=geotiffs["s2_13band_uint16_utm33.tif"],
+                     dir=geotiffs["corrupt.tif"].parent).replace("\\ud800", "\ud800") for a in args]
     if "--model" not in args:
         args += ["--model", str(model_dir)]
     code, out, err = _ask(capsys, *args, "--no-retrieval")
@@ -118,6 +131,14 @@ def test_a_scene_over_the_one_view_limit_is_asked_tile_by_tile(capsys: pytest.Ca
     assert code == 0, err
     answer = json.loads(out)
     assert answer["facts"]["size"] == [size, size] and answer["task"] == "refer"
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line(capsys: pytest.CaptureFixture[str], model_dir: Path,
+                                                  geotiffs: dict[str, Path], tmp_path: Path) -> None:
+    bad = os.fsencode(tmp_path) + b"/scene\xff.tif"
+    shutil.copy(geotiffs["rgb_uint8_3857.tif"], bad)
+    code, _, err = _ask(capsys, os.fsdecode(bad), "q", "--model", str(model_dir), "--no-retrieval")
+    assert code == 2 and "the file name is not valid UTF-8" in err and "Traceback" not in err
 
 
 def test_console_script_never_shows_a_traceback(tmp_path: Path) -> None:

@@ -369,3 +369,26 @@ def test_an_answer_knows_whether_max_new_tokens_cut_it(gc: GeoChat) -> None:
     labelled = gc.chat(_image(), "which?", task="classify", labels=["forest", "river"], max_new_tokens=20)
     assert labelled.answer in ("forest", "river") and not labelled.cut_short
     assert "cut_short" not in labelled.to_json()
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda gc: gc.chat(_image(), "x", task="dance"), "unknown task 'dance'; the tasks are chat, caption"),
+    (lambda gc: gc.chat(_image(), "x", history=["just a question"]), "a (question, answer) pair of strings"),
+    (lambda gc: gc.chat(_image(), None), "the message must be text, got NoneType"),
+    (lambda gc: gc.chat(None, "the airport", task="refer"), "the refer task is about an image's pixels"),
+    (lambda gc: gc.chat(_image(), "which?", task="classify", labels=["  ", "forest"]), "label 1 is empty"),
+    (lambda gc: gc.chat(_image(), "hi \ud800"), "not valid Unicode"),
+    (lambda gc: gc.chat_batch([_image()], "x", task="dance"), "unknown task"),
+])
+def test_python_callers_get_errors_that_say_what_to_do(gc: GeoChat, call: Any, words: str) -> None:
+    with pytest.raises(GeoChatError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        call(gc)
+
+
+def test_a_prompt_past_the_context_window_is_refused_before_generating(gc: GeoChat) -> None:
+    from geochat.errors import PromptTooLongError
+
+    window = gc.assistant.model.config.text_config.max_position_embeddings
+    with pytest.raises(PromptTooLongError, match=f"context window of {window:,} tokens"):
+        gc.chat(_image(), "\U0001f6f0" * window)
+    assert gc.chat(_image(), "hello").answer is not None  # and the engine still answers

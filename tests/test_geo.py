@@ -233,3 +233,19 @@ def test_a_box_across_the_antimeridian_is_split_into_two_counter_clockwise_parts
         assert _signed_area([tuple(p) for p in ring]) > 0  # RFC 7946: exterior rings counter-clockwise
     east = polygons_to_geojson([[(0, 0), (20, 0), (20, 20), (0, 20)]], info, [{}])  # west of 180°: one polygon
     assert east["features"][0]["geometry"]["type"] == "Polygon"
+
+
+def test_lonlat_bounds_keep_longitudes_in_range_and_refuse_past_a_pole() -> None:
+    from geochat.imagery.geo import lonlat_bounds
+
+    def bounds(x0: float, y0: float, size: float, w: int, h: int) -> tuple[float, ...] | None:
+        return lonlat_bounds("EPSG:4326", (size, 0.0, x0, 0.0, -size, y0), w, h)
+
+    # across the antimeridian, written past 180: west > east, as a UTM zone 60 footprint gets
+    assert bounds(179.96, 10.0, 0.0002, 900, 900) == pytest.approx((179.96, 9.82, -179.86, 10.0))
+    assert bounds(-180.1, 10.0, 0.0002, 900, 900) == pytest.approx((179.9, 9.82, -179.92, 10.0))
+    assert bounds(200.0, 10.0, 1.0, 10, 10) == pytest.approx((-160.0, 0.0, -150.0, 10.0))  # a 0-360° grid
+    assert bounds(0.0, 90.0, 1.0, 360, 180) == (-180.0, -90.0, 180.0, 90.0)  # the whole globe, 0-360°
+    assert bounds(-180.0, 90.0, 1.0, 360, 180) == (-180.0, -90.0, 180.0, 90.0)
+    assert bounds(10.0, 95.0, 0.1, 500, 500) is None  # a footprint past the pole: wrong georeferencing
+    assert bounds(-180.0, 90.25, 0.5, 720, 361) == (-180.0, -90.0, 180.0, 90.0)  # edge pixels just past it

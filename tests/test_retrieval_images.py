@@ -4,6 +4,7 @@ shipped ImageNet stem as embedder, near-duplicate queries, captions for text→i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -338,3 +339,21 @@ def test_records_of_an_older_index_keep_their_vectors(tmp_path: Path, stem: Stem
     assert again.skipped == len(paths)  # the records now carry today's keys
     hit = Retriever(IndexStore.open(location), text_embedder=text).similar_images(paths["rings"])[0]
     assert set(hit.metadata) & {"content_hash", "file_hash", "file_stat", "path"} == set()  # bookkeeping stays out
+
+
+def test_a_file_name_that_is_not_utf8_is_one_failed_file(tmp_path: Path, stem: StemEmbedder,
+                                                         text: TextEmbedder) -> None:
+    paths = make_archive(tmp_path / "images")
+    shutil.copy(paths["rings"], os.fsencode(tmp_path / "images") + b"/bad\xff\xfename.png")
+    location = StoreLocation(path=tmp_path / "index")
+    for _ in range(2):  # and the archive is whole afterwards: a second run reads it
+        report = index_images(IndexStore.open(location, create=True), tmp_path / "images", embedder=stem,
+                              text_embedder=text, progress=False)
+        assert len(report.failed_files) == 1 and "not valid UTF-8" in report.failed_files[0]
+    assert report.skipped == len(paths)
+
+
+def test_an_index_dir_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not an index")
+    assert main(["search", "ships", "--index-dir", str(tmp_path / "notes.txt")]) == 2
+    assert "is a file, not an index folder" in capsys.readouterr().err

@@ -29,9 +29,9 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", type=Path, help="where to save the image with boxes drawn (default: IMAGE_boxes.png)")
     p.add_argument("--tile", type=int, help="large scenes: ask every overlapping TILE-pixel window and merge the boxes")
-    p.add_argument("--overlap", type=int, default=128,
-                   help="pixels shared by neighbouring tiles (with --tile); an object cut at a seam is joined into one "
-                        "box where the tiles overlap, so 0 leaves its pieces apart")
+    p.add_argument("--overlap", type=int,
+                   help="pixels shared by neighbouring tiles (with --tile; default 128); an object cut at a seam is joined "
+                        "into one box where the tiles overlap, so 0 leaves its pieces apart")
     p.add_argument("--no-retrieval", action="store_true", help="answer without documentation passages")
     p.add_argument("--k", type=int, default=4, help="documentation passages to put in the prompt (default 4)")
     add_store_arguments(p)
@@ -70,11 +70,35 @@ def _retriever(args: argparse.Namespace) -> Any | None:
     return retriever
 
 
+DRAWING_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _drawing_path(out: Path | None, image_path: Path) -> Path:
+    """Where the boxes are drawn (default: IMAGE_boxes.png in the current folder), checked before the model runs:
+    a picture file in an existing folder, never the input image itself."""
+    path = out or Path(f"{image_path.stem}_boxes.png")
+    if path.exists() and path.resolve() == image_path.resolve():
+        raise GeoChatError(f"--out {path} is the input image, which the drawing would overwrite; name another file")
+    if path.is_dir():
+        raise GeoChatError(f"--out {path} is a folder; name a picture file in it, e.g. {path / 'boxes.png'}")
+    if path.suffix.lower() not in DRAWING_SUFFIXES:
+        raise GeoChatError(f"--out {path}: name a .png or .jpg file (the drawing is a picture, not a raster)")
+    if not path.parent.is_dir():
+        raise GeoChatError(f"--out {path}: the folder {path.parent} does not exist; create it or name another")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.overlap is not None and args.tile is None:
+        raise GeoChatError("--overlap applies to tiles: pass --tile as well")
     if args.no_image:
         if len(args.inputs) != 1:
             raise GeoChatError("with --no-image pass only the question")
-        image_path, question = None, args.inputs[0]
+        given = [name for name, value in (("--bands", args.bands), ("--sensor", args.sensor), ("--tile", args.tile),
+                                          ("--out", args.out)) if value is not None]
+        if given:
+            raise GeoChatError(f"{', '.join(given)} need an image; drop them or --no-image")
+        image_path, question, drawing = None, args.inputs[0], None
     else:
         optional = args.task in QUESTION_OPTIONAL
         if not (len(args.inputs) == 2 or (optional and len(args.inputs) == 1)):
@@ -82,25 +106,28 @@ def run(args: argparse.Namespace) -> int:
         image_path, question = Path(args.inputs[0]), (args.inputs[1] if len(args.inputs) == 2 else "")
         if not image_path.exists():
             raise GeoChatError(f"image not found: {image_path}")
+        drawing = _drawing_path(args.out, image_path)
 
     from geochat.engine import GeoChat
     from geochat.imagery import load_image
     from geochat.imagery.raster import DEFAULT_MAX_PIXELS, TILED_MAX_PIXELS
+    from geochat.tiling import DEFAULT_OVERLAP
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels is not None else None
     if labels == []:
         raise GeoChatError(f"--labels {args.labels!r} names no label: pass comma-separated options, e.g. "
                            "--labels airport,forest,harbour")
-    limit = TILED_MAX_PIXELS if args.tile else DEFAULT_MAX_PIXELS  # tile by tile, a scene may be far larger
+    limit = TILED_MAX_PIXELS if args.tile is not None else DEFAULT_MAX_PIXELS  # tile by tile, a scene may be larger
     loaded = load_image(image_path, bands=args.bands, sensor=args.sensor, max_pixels=limit) if image_path else None
     gc = GeoChat.from_pretrained(args.model, max_new_tokens=args.max_new_tokens)
     if not args.no_retrieval:
         gc.retriever = _retriever(args)
-    if args.tile:
+    if args.tile is not None:
         if image_path is None or args.region:
             raise GeoChatError("--tile needs an image and does not take --region")
         answer = gc.chat_tiled(image_path, question, overview=loaded, task=args.task or "grounding", tile=args.tile,
-                               overlap=args.overlap, bands=args.bands, sensor=args.sensor, cot=args.cot, labels=labels)
+                               overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap, bands=args.bands,
+                               sensor=args.sensor, cot=args.cot, labels=labels)
     else:
         answer = gc.chat(loaded, question, task=args.task, cot=args.cot, region=args.region, labels=labels)
 
@@ -116,12 +143,11 @@ def run(args: argparse.Namespace) -> int:
         print("Sources:")
         for source in answer.sources:
             print(f"  [{source.get('id', '?')}] {source.get('source', '?')} § {source.get('heading') or '(no heading)'}")
-    if answer.boxes and loaded is not None and image_path is not None:
+    if answer.boxes and loaded is not None and drawing is not None:
         from geochat.drawing import draw_boxes
 
         polygons = [b.pixel_polygon() for b in answer.boxes]
-        out = args.out or Path(f"{image_path.stem}_boxes.png")
-        draw_boxes(loaded.rgb, polygons, [b.phrase for b in answer.boxes], scale=loaded.scale).save(out)
-        print(f"boxes drawn on {out}", file=sys.stderr)
+        draw_boxes(loaded.rgb, polygons, [b.phrase for b in answer.boxes], scale=loaded.scale).save(drawing)
+        print(f"boxes drawn on {drawing}", file=sys.stderr)
     print(f"[{answer.model.name}; {answer.timings.total_s:.1f} s]", file=sys.stderr)
     return 0

@@ -56,7 +56,11 @@ def _corners(transform: Transform6, width: int, height: int) -> list[Point]:
 
 def lonlat_bounds(crs: str | None, transform: Transform6 | None, width: int, height: int) -> tuple[float, float, float, float] | None:
     """(west, south, east, north) in EPSG:4326 of the raster footprint; None without a CRS, or with one that
-    has no conversion to lon/lat (a local engineering grid, another planet, points off the projection)."""
+    has no conversion to lon/lat (a local engineering grid, another planet, points off the projection, a
+    footprint past a pole).
+
+    Longitudes are in [-180, 180]: a grid in 0–360° longitudes is moved a turn west, and a footprint across the
+    antimeridian has west > east (RFC 7946), as a projected one (UTM zone 60) gets from the transform."""
     if crs is None or transform is None:
         return None
     xs, ys = zip(*_corners(transform, width, height), strict=True)
@@ -67,7 +71,19 @@ def lonlat_bounds(crs: str | None, transform: Transform6 | None, width: int, hei
         return None
     if not all(math.isfinite(v) for v in (w, s, e, n)):
         return None
-    return (float(w), float(s), float(e), float(n))
+    if s < -90 - POLE_SLACK_DEG or n > 90 + POLE_SLACK_DEG:
+        return None
+    if e - w >= 360:
+        w, e = -180.0, 180.0
+    return (_wrap_lon(w), max(float(s), -90.0), _wrap_lon(e), min(float(n), 90.0))
+
+
+POLE_SLACK_DEG = 1.0  # a global grid's edge pixels may reach a little past a pole; further, the georeferencing is wrong
+
+
+def _wrap_lon(lon: float) -> float:
+    """A longitude in [-180, 180] (those already there are kept, 180 included)."""
+    return float(lon) if -180 <= lon <= 180 else float((lon + 180) % 360 - 180)
 
 
 def _metres_per_degree(lat_deg: float) -> tuple[float, float]:

@@ -173,6 +173,11 @@ def open_source(source: ImageSource) -> Iterator[tuple[DatasetReader, str | None
                 raise ImageryError(f"file not found: {path}; check the path (relative paths start at {Path.cwd()})")
             if p.is_dir():
                 raise ImageryError(f"{path} is a directory; pass an image file (GeoTIFF/COG, PNG, JPEG)")
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ImageryError(f"{os.fsencode(path)!r}: the file name is not valid UTF-8, which GDAL needs; rename "
+                               "the file") from None
         with _checked_open(lambda: rasterio.open(path), path) as ds:
             if ds.driver == "PNG" and not _is_remote(path):
                 with open(path, "rb") as f:

@@ -138,6 +138,14 @@ def _read_item(path: Path, digest: str, captions: list[str], label: str, max_siz
     return _Item(path, _record_id(path), loaded.rgb, meta, captions)
 
 
+def _utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _record_id(path: Path) -> str:
     return hashlib.sha1(str(_abs(path)).encode()).hexdigest()
 
@@ -166,7 +174,10 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
                   rebuild: bool, max_size: int, progress: bool) -> IndexReport:
     start = time.perf_counter()
     root = root.resolve()
-    paths = find_images(root)
+    paths: list[Path] = []
+    unnamed: list[Path] = []
+    for path in find_images(root):  # GDAL and chromadb take UTF-8 names: others are listed as unreadable
+        (paths if _utf8_name(path) else unnamed).append(path)
     # What can refuse the run does so before anything is dropped or marked as being written: a refused run
     # leaves the archive searchable.
     embedder = embedder or image_embedder_from_name("auto")
@@ -188,7 +199,9 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
     prefix = str(root) + "/"
     current = {_record_id(p) for p in paths}
     gone = [rid for rid, m in stored.items() if str(m.get("path", "")).startswith(prefix) and rid not in current]
-    report = IndexReport(files=len(paths), removed_files=sorted(stored[r]["path"] for r in gone))
+    report = IndexReport(files=len(paths) + len(unnamed), removed_files=sorted(stored[r]["path"] for r in gone))
+    report.failed_files += [f"{os.fsencode(p.name)!r} (the file name is not valid UTF-8; rename the file)"
+                            for p in unnamed]
     if gone:
         images.delete(ids=gone)
         captions.delete(ids=gone)

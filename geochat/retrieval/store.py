@@ -85,8 +85,11 @@ class StoreLocation:
             return cls(host=host, port=port or 8000)
         if port:
             raise GeoChatError("--chroma-port needs --chroma-host")
-        chosen = index_dir or os.environ.get(INDEX_ENV) or cache_root() / "index"
-        return cls(path=Path(chosen).expanduser().resolve())
+        chosen = Path(index_dir or os.environ.get(INDEX_ENV) or cache_root() / "index").expanduser().resolve()
+        if chosen.exists() and not chosen.is_dir():
+            source = "--index-dir" if index_dir else f"${INDEX_ENV}" if os.environ.get(INDEX_ENV) else "the index path"
+            raise GeoChatError(f"{source} {chosen} is a file, not an index folder; name a folder (it is created)")
+        return cls(path=chosen)
 
     def __str__(self) -> str:
         return str(self.path) if self.path is not None else f"chroma server {self.host}:{self.port}"

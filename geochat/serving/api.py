@@ -35,7 +35,7 @@ from geochat.answer import Answer, Turn
 from geochat.engine import GeoChat
 from geochat.errors import GeoChatError
 from geochat.imagery import LoadedImage
-from geochat.prompting import Task, build_user_message, prompt_facts
+from geochat.prompting import NEEDS_IMAGE, Task, build_user_message, prompt_facts
 from geochat.serving.images import image_source, open_image
 from geochat.serving.limits import RequestQueue, ServingSettings
 from geochat.serving.render import AppendOnly, feature_collection, live_split
@@ -48,7 +48,6 @@ from geochat.serving.schemas import (
     install_error_handlers,
     validation_message,
 )
-from geochat.serving.session import NEEDS_IMAGE
 
 logger = logging.getLogger(__name__)
 

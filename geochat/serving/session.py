@@ -26,7 +26,7 @@ from geochat.answer import Answer, BoxResult
 from geochat.engine import GeoChat
 from geochat.errors import GeoChatError
 from geochat.imagery import LoadedImage, load_image
-from geochat.prompting import Task
+from geochat.prompting import NEEDS_IMAGE, Task
 from geochat.serving.images import open_image, parse_bands
 from geochat.serving.limits import ServingSettings
 from geochat.serving.render import annotate, display_zoom, live_split, safe_stem
@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 SIMILAR_IMAGES_K = 4
 THUMBNAIL_PX = 256
-NEEDS_IMAGE = (Task.CAPTION, Task.CLASSIFY, Task.REFER, Task.GROUNDING, Task.IDENTIFY)
 CORNER_MARK_PX = 4  # half-size, in shown pixels, of the mark left by the first click of a region
 
 Message = dict[str, Any]  # a Chatbot message: {"role", "content"[, "metadata"]}
