@@ -425,3 +425,15 @@ def test_a_body_that_trickles_in_gets_408(server: str, monkeypatch: pytest.Monke
                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\": ".encode())
         reply = sock.recv(4096).decode()  # the rest never comes
     assert reply.startswith("HTTP/1.1 408") and "longer than 0.5 s" in reply
+
+
+def test_a_client_that_leaves_mid_body_is_no_server_error(server: str, caplog: pytest.LogCaptureFixture) -> None:
+    host, port = server.removeprefix("http://").split(":")
+    with caplog.at_level("ERROR"):
+        for _ in range(3):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                          "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"messages\": [".encode())
+        time.sleep(1.0)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+    assert httpx.get(server + "/health", timeout=30).status_code == 200
