@@ -253,3 +253,30 @@ def test_real_dota_and_spacenet(shared_data: Path, tmp_path: Path) -> None:
     assert any("[refer]" in s["conversations"][0]["value"] for s in samples)
     for s in samples:
         parse_boxes_strict(s["conversations"][1]["value"])  # every answer's boxes are well-formed
+
+
+def test_rsicd_rows_are_read_as_the_evaluation_reads_them(tmp_path: Path) -> None:
+    from geochat.data.rsicd import load_rsicd
+    from geochat.errors import GeoChatError
+
+    (tmp_path / "images").mkdir()
+    rows = {"image": "images/a.jpg", "split": "test", "label": "port", "captions": "boats and a bridge"}
+    (tmp_path / "annotations.jsonl").write_text(json.dumps(rows) + "\n")
+    (item,) = load_rsicd(tmp_path)
+    assert item.captions == ("boats and a bridge",)  # one caption, not one a character
+    for line, words in (("not json", "annotations.jsonl:2"), ('{"image": 5}', "'image' path"),
+                        ('{"image": "images/b.jpg", "captions": ["a river"]}', "needs its scene class as 'label'")):
+        (tmp_path / "annotations.jsonl").write_text(json.dumps(rows) + "\n" + line + "\n")
+        with pytest.raises(GeoChatError, match=re.escape(words)):
+            load_rsicd(tmp_path)
+    assert presence_question((), random.Random(0)) is None  # no caption supports a "no"
+
+
+def test_a_dota_image_that_is_not_an_image_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dota = tmp_path / "dota"
+    (dota / "images").mkdir(parents=True)
+    (dota / "labels").mkdir()
+    (dota / "labels" / "P1.txt").write_text("10 10 60 10 60 40 10 40 ship 0\n")
+    (dota / "images" / "P1.png").write_text("garbage")
+    assert main(["data", "build-ground", "--dota", str(dota), "--out", str(tmp_path / "g" / "g.jsonl")]) == 2
+    assert "P1.png is not a readable image" in capsys.readouterr().err

@@ -372,3 +372,13 @@ def test_rows_of_the_wrong_types_are_one_clear_error(tmp_path: Path, row: dict, 
     mixed = [{"image": "a.png", "question": "q", "answer": 3, "type": 3}, {"image": "a.png", "type": "count"}]
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(r) for r in mixed) + "\n")
     assert [r.type for r in read_annotations(tmp_path / "b.jsonl")] == ["3", "count"]  # sortable together
+
+
+def test_a_report_path_that_is_a_file_is_refused_before_the_model_runs(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.jsonl").write_text('{"image": "x.png", "label": "port"}\n')
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["eval", "classify", "--annotations", str(tmp_path / "a.jsonl"), "--report",
+                 str(tmp_path / "notes.txt"), "--model", str(tmp_path / "no-model")]) == 2
+    assert "is a file; name a folder for the report" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -3,6 +3,7 @@ runs on tiny models and generated data, the trained assistant loads and chats, `
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from geochat import GeoChat
 from geochat.engine import prompt_ids
+from geochat.errors import GeoChatError
 from geochat.model.assistant import build_assistant
 from geochat.train.chat import IGNORE, Encoded, answer_loss, collate, encode_conversation
 from geochat.train.loop import TrainingInterrupted, batch_indices
@@ -701,7 +703,10 @@ def test_conversation_files_that_are_not_llava_lists_are_one_clear_error(tmp_pat
 
     assistant = build_assistant(tiny_config(tiny_llm_dir))
     cfg = ChatStageConfig(conversations="c.json")
-    for text, words in (("[{not json", "not valid JSON"), ('{"a": 1}', "JSON list"), ("[1, 2]", "not a LLaVA object")):
+    value5 = '[{"id": "s", "conversations": [{"from": "human", "value": 5}, {"from": "gpt", "value": "x"}]}]'
+    for text, words in (("[{not json", "not valid JSON"), ('{"a": 1}', "JSON list"), ("[1, 2]", "not a LLaVA object"),
+                        (value5, "sample 's': turn 1: 'value' must be text, got 5"), ("[]", "holds no samples"),
+                        ('[{"id": "x"}]', "sample 'x' has no 'conversations' list")):
         (tmp_path / "c.json").write_text(text)
         with pytest.raises(GeoChatError, match=words):
             load_conversations(tmp_path / "c.json", cfg, assistant, 0)
@@ -729,3 +734,22 @@ def test_under_deepspeed_the_trainer_names_the_micro_batch_and_refuses_grad_accu
     assert seen["train_micro_batch_size_per_gpu"] == 16
     with pytest.raises(GeoChatError, match="grad_accum"):
         Trainer("t", torch.nn.Linear(2, 2), OptimConfig(batch_size=64, grad_accum=2), RunConfig(), tmp_path, accelerator)
+
+
+def test_lora_target_modules_that_name_nothing_are_one_clear_error(tiny_llm_dir: Path) -> None:
+    from geochat.errors import ModelLoadError
+    from geochat.model.config import LoraSettings
+
+    config = tiny_config(tiny_llm_dir, lora=True)
+    config = dataclasses.replace(config, lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=("nope_proj",)))
+    with pytest.raises(ModelLoadError, match=r"model.lora.target_modules \['nope_proj'\] names no module"):
+        build_assistant(config)
+
+
+def test_a_start_that_failed_before_training_can_be_run_again(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    path = _recipe(tmp_path, data, tiny_llm_dir, _align(data, steps=1))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "recipe.json").write_text("{}")  # all that a run that failed at its start leaves
+    assert (run_recipe(load_recipe(path), progress=False, use_accelerate=False) / "vision").is_dir()
+    with pytest.raises(GeoChatError, match="is not empty: pass --resume"):  # a run that trained is kept
+        run_recipe(load_recipe(path), progress=False, use_accelerate=False)

@@ -50,6 +50,13 @@ def run(args: argparse.Namespace) -> int:
     for name in ("limit", "sample"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise GeoChatError(f"--{name} must be >= 1")
+    if args.report is not None:  # before the model runs: a bad folder must not cost the evaluation
+        if args.report.exists() and not args.report.is_dir():
+            raise GeoChatError(f"--report {args.report} is a file; name a folder for the report (it is created)")
+        try:
+            args.report.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GeoChatError(f"--report {args.report}: cannot create the folder ({exc.strerror})") from exc
     task = args.eval_task
     all_rows = read_annotations(args.annotations, args.split)
     rows = tasks.rows_for(task, all_rows, args.limit)

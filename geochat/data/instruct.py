@@ -150,7 +150,10 @@ def _option_subset(labels: Sequence[str], label: str, rng: random.Random) -> lis
 
 
 def presence_question(captions: Sequence[str], rng: random.Random) -> tuple[str, str] | None:
-    """A yes/no question whose answer all five captions support: mentioned (yes) or in none (no)."""
+    """A yes/no question whose answer all five captions support: mentioned (yes) or in none (no); None without
+    captions (nothing supports a no)."""
+    if not captions:
+        return None
     text = " ".join(captions).lower()
     present = [obj for obj, pattern in PRESENCE.items() if re.search(pattern, text)]
     absent = [obj for obj in PRESENCE if obj not in present]
@@ -233,8 +236,12 @@ def dota_tiles(directory: Path, out_dir: Path, tile_stride: float | None = None
     tiles_dir = out_dir / "tiles"
     tiles_dir.mkdir(parents=True, exist_ok=True)
     for scene in load_dota(directory):
-        with Image.open(scene.image) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(scene.image) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except OSError as exc:  # not an image (PIL's UnidentifiedImageError), truncated, unreadable
+            raise GeoChatError(f"{scene.image} is not a readable image ({exc}); export it again or remove it and "
+                               "its label file") from exc
         h, w = rgb.shape[:2]
         stride = round(DOTA_TILE * tile_stride) if tile_stride else DOTA_STRIDE
         for row in _positions(h, DOTA_TILE, stride):

@@ -15,11 +15,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from geochat.errors import GeoChatError
+from geochat.eval.annotations import read_annotations
 
 ANNOTATIONS = "annotations.jsonl"
 
@@ -47,12 +47,8 @@ def load_rsicd(directory: Path, split: str | None = None) -> list[RsicdItem]:
     if not path.is_file():
         raise GeoChatError(f"no RSICD annotations at {path}")
     items = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if split is not None and row.get("split") != split:
-            continue
-        items.append(RsicdItem((directory / row["image"]).resolve(), row.get("split", ""), row["label"],
-                               tuple(c for c in row.get("captions", []) if c.strip())))
+    for row in read_annotations(path, split):  # the evaluation's reader: malformed rows are one line each
+        if row.label is None:
+            raise GeoChatError(f"{path}:{row.line}: an RSICD row needs its scene class as 'label'")
+        items.append(RsicdItem(row.image.resolve(), row.split or "", row.label, row.captions))
     return items

@@ -302,7 +302,12 @@ def _attach_lora(model: LlavaForConditionalGeneration, config: AssistantConfig, 
         target_modules=_lora_target_regex(config),
         bias="none",
     )
-    peft_model = get_peft_model(model, lora)
+    try:
+        peft_model = get_peft_model(model, lora)
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError: no module of the LLM has those names
+        raise ModelLoadError(f"model.lora.target_modules {list(config.lora.target_modules)} names no module of the "
+                             f"LLM (its attention and MLP layers are q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                             f"up_proj, down_proj in Llama-style models): {exc}") from exc
     for name, param in peft_model.named_parameters():  # peft freezes all but LoRA; MoE experts stay trainable
         if ".router." in name or name.endswith((".expert_A", ".expert_B")):
             param.requires_grad_(True)

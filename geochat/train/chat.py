@@ -53,13 +53,18 @@ def _prompt_ids(assistant: Assistant, turns: list[Turn], user: str, with_image: 
 
 def split_turns(conversations: list[dict[str, str]]) -> tuple[list[Turn], bool]:
     """LLaVA `conversations` → (user, assistant) turns; the image placeholder leaves the first turn."""
-    if len(conversations) < 2 or len(conversations) % 2:
-        raise ValueError("a conversation needs human/gpt pairs")
+    if not isinstance(conversations, list) or len(conversations) < 2 or len(conversations) % 2:
+        raise ValueError("'conversations' needs a list of human/gpt pairs")
     turns, with_image = [], False
     for k in range(0, len(conversations), 2):
         human, gpt = conversations[k], conversations[k + 1]
+        if not (isinstance(human, dict) and isinstance(gpt, dict)):
+            raise ValueError(f"turn {k + 1}: each turn is an object {{'from': ..., 'value': ...}}")
         if human.get("from") != "human" or gpt.get("from") != "gpt":
             raise ValueError("turns must alternate human, gpt")
+        for j, turn in ((k, human), (k + 1, gpt)):
+            if not isinstance(turn.get("value"), str):
+                raise ValueError(f"turn {j + 1}: 'value' must be text, got {turn.get('value')!r:.40}")
         user = human["value"]
         if k == 0 and user.startswith(IMAGE_PREFIX):
             user, with_image = user[len(IMAGE_PREFIX):].lstrip("\n"), True
@@ -110,6 +115,8 @@ def load_conversations(path: Path, cfg: ChatStageConfig, assistant: Assistant, s
         if not isinstance(sample, dict):
             raise GeoChatError(f"{path}: sample {i} is a {type(sample).__name__}, not a LLaVA object "
                                '{"image": ..., "conversations": [...]}')
+        if "conversations" not in sample:
+            raise GeoChatError(f"{path}: sample {sample.get('id', i)!r} has no 'conversations' list")
         try:
             ids, labels = encode_conversation(assistant, sample["conversations"])
         except (KeyError, ValueError) as exc:
@@ -121,6 +128,8 @@ def load_conversations(path: Path, cfg: ChatStageConfig, assistant: Assistant, s
         if len(out) >= want:
             break
     val, train = out[: cfg.val_samples], out[cfg.val_samples :]
+    if not data:
+        raise GeoChatError(f"{path} holds no samples")
     if not train:
         raise GeoChatError(f"{path}: no sample fits max_length={cfg.max_length}")
     return train, val

@@ -47,7 +47,7 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
 
     if out.exists() and not out.is_dir():
         raise GeoChatError(f"--output {out} is a file; name a directory")
-    if out.exists() and any(out.iterdir()) and not resume:
+    if out.exists() and any(p.name != "recipe.json" for p in out.iterdir()) and not resume:  # (a failed start)
         raise GeoChatError(f"{out} is not empty: pass --resume to continue that run, or another --output")
     previous: Path | None = recipe.path(recipe.init) if recipe.init else None
     if previous is not None and not previous.is_dir():
