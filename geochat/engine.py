@@ -38,7 +38,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from geochat.answer import Answer, ModelInfo, Timings, Turn
 from geochat.errors import GeoChatError
-from geochat.generation import AnswerStream, StopOnLoop, TextCallback, TimedStreamer, check_context, one_of
+from geochat.generation import (
+    AnswerStream,
+    StopOnLoop,
+    TextCallback,
+    TimedStreamer,
+    check_context,
+    label_constraint,
+    one_of,
+    prompt_ids,
+)
 from geochat.georeference import georeference, region_to_grid
 from geochat.grounding import parse_boxes, strip_grounding
 from geochat.imagery import LoadedImage, load_image
@@ -48,7 +57,6 @@ from geochat.model.processor import to_pixel_values
 from geochat.model.weights import TRAINED_DEFAULT_DIR
 from geochat.prompting import (
     NEEDS_IMAGE,
-    SYSTEM_PROMPT,
     TASK_TOKENS,
     Passage,
     Task,
@@ -207,6 +215,8 @@ class GeoChat:
             gen_start = time.perf_counter()
             allowed = label_constraint(self.assistant, task, labels, len(ids), cot)
             raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer, allowed)
+            if task is Task.CLASSIFY and labels and cot:
+                raw = self._answer_from_labels(session, ids, raw, labels)
         ttft = (streamer.first_token_at or time.perf_counter()) - gen_start + encode_s
         reasoning, final = split_reasoning(raw) if cot else (None, raw)
         boxes = parse_boxes(raw)
@@ -326,6 +336,19 @@ class GeoChat:
             self._sessions.popitem(last=False)
         return time.perf_counter() - t, session
 
+    def _answer_from_labels(self, session: _Session, ids: list[int], raw: str, labels: Sequence[str]) -> str:
+        """With reasoning first, the labels cannot bound the whole answer: when the answer after the reasoning is
+        not one of them, it is decoded again after the reasoning and an "Answer:" marker, bounded to the labels."""
+        if split_reasoning(raw)[1].strip() in labels:
+            return raw
+        a = self.assistant
+        text = f"{raw.rstrip()}\nAnswer: "
+        follow = ids + list(a.tokenizer.encode(text, add_special_tokens=False))
+        longest = max(len(a.tokenizer.encode(label, add_special_tokens=False)) for label in labels)
+        label = self._generate(session, follow, longest + 1, TimedStreamer(a.tokenizer, None),
+                               one_of(a, labels, len(follow)))
+        return text + label
+
     def _prompt_ids(self, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
         return prompt_ids(self.assistant, turns, user, with_image)
 
@@ -377,33 +400,6 @@ class GeoChat:
         streamer.cut_short = len(new) >= max_new_tokens and new[-1] not in ends
         text = str(a.tokenizer.decode(new, skip_special_tokens=True))
         return text.strip()
-
-def prompt_ids(a: Assistant, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
-    """Token ids of a conversation as the model sees it (training builds its samples with this too).
-
-    System prompt, then the turns; `<image>` × N and a newline open the first user turn when there
-    is an image; the tokenizer's own chat template does the rest.
-    """
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
-    image_prefix = a.config.image_token * a.num_image_tokens + "\n" if with_image else ""
-    for i, turn in enumerate(turns):
-        messages.append({"role": "user", "content": (image_prefix if i == 0 else "") + turn.user})
-        messages.append({"role": "assistant", "content": turn.assistant})
-    messages.append({"role": "user", "content": (image_prefix if not turns else "") + user})
-    encoded: Any = a.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids: list[int] = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-    if with_image and ids.count(a.image_token_id) != a.num_image_tokens:
-        raise GeoChatError(
-            f"prompt holds {ids.count(a.image_token_id)} image tokens, the tower gives {a.num_image_tokens}"
-        )
-    return ids
-
-
-def label_constraint(a: Assistant, task: Task, labels: Sequence[str] | None, prompt_length: int,
-                     cot: bool = False) -> Callable[[int, torch.Tensor], list[int]] | None:
-    """`one_of(labels)` for a classification with labels; None otherwise (and when reasoning comes first)."""
-    return one_of(a, labels, prompt_length) if task is Task.CLASSIFY and labels and not cot else None
-
 
 def _source_json(p: Passage) -> dict[str, Any]:
     return {"id": p.id, "source": p.source, "heading": p.heading, "text": p.text, "score": p.score}

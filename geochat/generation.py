@@ -16,11 +16,12 @@ import torch
 from transformers import StoppingCriteria, TextStreamer
 
 from geochat.box_geometry import rotated_iou
-from geochat.errors import PromptTooLongError
+from geochat.errors import GeoChatError, PromptTooLongError
 from geochat.grounding import Box, parse_boxes
+from geochat.prompting import SYSTEM_PROMPT, Task
 
 if TYPE_CHECKING:
-    from geochat.answer import Answer
+    from geochat.answer import Answer, Turn
     from geochat.model.assistant import Assistant
 
 TextCallback = Callable[[str], None]
@@ -191,3 +192,30 @@ def check_context(a: Assistant, prompt_length: int, max_new_tokens: int) -> None
             f"the conversation is {prompt_length:,} tokens and the answer may take {max_new_tokens:,} more, past the "
             f"model's context window of {window:,} tokens; shorten the question or the history, or start a new "
             "conversation")
+
+
+def prompt_ids(a: Assistant, turns: Sequence[Turn], user: str, with_image: bool) -> list[int]:
+    """Token ids of a conversation as the model sees it (training builds its samples with this too).
+
+    System prompt, then the turns; `<image>` × N and a newline open the first user turn when there
+    is an image; the tokenizer's own chat template does the rest.
+    """
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}]
+    image_prefix = a.config.image_token * a.num_image_tokens + "\n" if with_image else ""
+    for i, turn in enumerate(turns):
+        messages.append({"role": "user", "content": (image_prefix if i == 0 else "") + turn.user})
+        messages.append({"role": "assistant", "content": turn.assistant})
+    messages.append({"role": "user", "content": (image_prefix if not turns else "") + user})
+    encoded: Any = a.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids: list[int] = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    if with_image and ids.count(a.image_token_id) != a.num_image_tokens:
+        raise GeoChatError(
+            f"prompt holds {ids.count(a.image_token_id)} image tokens, the tower gives {a.num_image_tokens}"
+        )
+    return ids
+
+
+def label_constraint(a: Assistant, task: Task, labels: Sequence[str] | None, prompt_length: int,
+                     cot: bool = False) -> Callable[[int, torch.Tensor], list[int]] | None:
+    """`one_of(labels)` for a classification with labels; None otherwise (and when reasoning comes first)."""
+    return one_of(a, labels, prompt_length) if task is Task.CLASSIFY and labels and not cot else None

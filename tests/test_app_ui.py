@@ -83,6 +83,7 @@ def test_bad_files_raise_a_readable_error(logic: SessionLogic, geotiffs: dict[st
     with pytest.raises(GeoChatError) as info:
         logic.open(geotiffs[name])
     assert words in str(info.value)
+    assert str(geotiffs[name].parent) not in str(info.value)  # an upload's temp folder is not the user's business
     if name == "sparse_20000.tif":
         assert isinstance(info.value, ImageTooLargeError)
 
@@ -359,3 +360,12 @@ def test_gradio_handlers_show_errors_as_text(logic: SessionLogic, geotiffs: dict
     stoppers = [d for d in demo.fns.values() if send._id in (d.cancels or [])]
     events = sorted(event for d in stoppers for _, event in d.targets)
     assert events == ["change", "clear", "click", "click", "input", "submit"]  # upload, bin, reset/apply, preset, bands
+
+
+def test_the_first_corner_is_marked_on_bright_ground_too(logic: SessionLogic, tmp_path: Path) -> None:
+    white = tmp_path / "snow.png"
+    Image.fromarray(np.full((80, 80, 3), 255, np.uint8)).save(white)
+    session = logic.open(white)
+    plain = np.asarray(logic.view(session))
+    marked = np.asarray(logic.view(logic.pick(session, 40, 40)))
+    assert (marked != plain).any(), "the pending corner is visible on a white image"

@@ -392,3 +392,12 @@ def test_a_prompt_past_the_context_window_is_refused_before_generating(gc: GeoCh
     with pytest.raises(PromptTooLongError, match=f"context window of {window:,} tokens"):
         gc.chat(_image(), "\U0001f6f0" * window)
     assert gc.chat(_image(), "hello").answer is not None  # and the engine still answers
+
+
+def test_classify_with_reasoning_still_answers_one_of_the_labels(gc: GeoChat) -> None:
+    labels = ["airport", "forest", "dense residential"]
+    for seed in range(3):
+        answer = gc.chat((np.random.RandomState(seed).rand(48, 48, 3) * 255).astype(np.uint8), "which scene?",
+                         task="classify", labels=labels, cot=True)
+        assert answer.answer in labels, answer.raw
+        assert answer.raw.endswith(f"Answer: {answer.answer}") or answer.raw.strip() == answer.answer

@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from geochat import GeoChat
-from geochat.engine import prompt_ids
 from geochat.errors import GeoChatError
+from geochat.generation import prompt_ids
 from geochat.model.assistant import build_assistant
 from geochat.train.chat import IGNORE, Encoded, answer_loss, collate, encode_conversation
 from geochat.train.loop import TrainingInterrupted, batch_indices

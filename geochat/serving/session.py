@@ -88,7 +88,11 @@ class SessionLogic:
         if path is None:
             return ChatSession()
         path = Path(path)
-        loaded = open_image(path, self.settings, bands=parse_bands(bands), sensor=sensor or None)
+        try:
+            loaded = open_image(path, self.settings, bands=parse_bands(bands), sensor=sensor or None)
+        except GeoChatError as exc:  # an upload lies in the server's temp folder: the user knows it by its name
+            exc.args = (str(exc).replace(str(path), path.name), *exc.args[1:])
+            raise
         session = ChatSession(image_name=path.name, loaded=loaded, rendering=(sensor or "", (bands or "").strip()))
         session.similar = self._similar(loaded)
         return session
@@ -127,7 +131,9 @@ class SessionLogic:
         if session.corner is not None:
             s, r = session.loaded.scale / zoom, CORNER_MARK_PX
             x, y = session.corner[0] / s, session.corner[1] / s
-            ImageDraw.Draw(image).ellipse([x - r, y - r, x + r, y + r], outline=(255, 255, 255), width=2)
+            draw = ImageDraw.Draw(image)  # black under white: seen on bright ground and on dark
+            draw.ellipse([x - r - 2, y - r - 2, x + r + 2, y + r + 2], outline=(0, 0, 0), width=2)
+            draw.ellipse([x - r, y - r, x + r, y + r], outline=(255, 255, 255), width=2)
         return image
 
     # -- region -------------------------------------------------------------------------------

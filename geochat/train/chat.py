@@ -45,7 +45,7 @@ class Encoded:
 
 
 def _prompt_ids(assistant: Assistant, turns: list[Turn], user: str, with_image: bool) -> list[int]:
-    from geochat.engine import prompt_ids
+    from geochat.generation import prompt_ids
 
     # The engine's one prompt path (system prompt, image placeholder, chat template).
     return prompt_ids(assistant, turns, user, with_image)
