@@ -37,7 +37,7 @@ from transformers import DynamicCache, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from geochat.answer import Answer, ModelInfo, Timings, Turn
-from geochat.errors import GeoChatError
+from geochat.errors import GeoChatError, ImageryError
 from geochat.generation import (
     AnswerStream,
     StopOnLoop,
@@ -186,6 +186,10 @@ class GeoChat:
         loaded = self._load(image, bands, sensor)
         if loaded is None and task in NEEDS_IMAGE:
             raise GeoChatError(f"the {task.value} task is about an image's pixels: pass an image")
+        if loaded is not None and not loaded.valid.any():  # the model would describe a black square
+            name = Path(loaded.info.path).name if loaded.info.path else "the image"
+            raise ImageryError(f"{name} holds no valid pixel: every one is nodata (or NaN) in "
+                               "the bands shown; choose other bands, or check the file's nodata value")
         region_box = region_to_grid(region, loaded) if region is not None else None
         if task is Task.IDENTIFY and region_box is None:
             raise GeoChatError("the identify task needs a region: pass --region x1,y1,x2,y2 (pixels)")

@@ -270,6 +270,9 @@ def test_rsicd_rows_are_read_as_the_evaluation_reads_them(tmp_path: Path) -> Non
         with pytest.raises(GeoChatError, match=re.escape(words)):
             load_rsicd(tmp_path)
     assert presence_question((), random.Random(0)) is None  # no caption supports a "no"
+    (tmp_path / "annotations.jsonl").write_text(json.dumps(rows) + "\n")  # images/a.jpg does not exist
+    assert main(["data", "build-vqa", "--rsicd", str(tmp_path), "--out", str(tmp_path / "v.jsonl")]) == 2
+    assert not (tmp_path / "v.jsonl").exists()
 
 
 def test_a_dota_image_that_is_not_an_image_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -401,3 +401,16 @@ def test_classify_with_reasoning_still_answers_one_of_the_labels(gc: GeoChat) ->
                          task="classify", labels=labels, cot=True)
         assert answer.answer in labels, answer.raw
         assert answer.raw.endswith(f"Answer: {answer.answer}") or answer.raw.strip() == answer.answer
+
+
+def test_an_image_without_a_valid_pixel_is_refused_not_described(gc: GeoChat, tmp_path: Path) -> None:
+    import rasterio
+
+    from geochat.errors import ImageryError
+
+    path = tmp_path / "empty.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=16, height=16, count=1, dtype="uint8", nodata=0) as ds:
+        ds.write(np.zeros((1, 16, 16), np.uint8))
+    with pytest.raises(ImageryError, match="empty.tif holds no valid pixel"):
+        gc.chat(path, "what is here?")
+    assert gc.chat(np.zeros((16, 16, 3), np.uint8), "what is here?").answer is not None  # black, not nodata

@@ -364,6 +364,10 @@ def build_presence_vqa(out: Path, rsicd: Path, split: str = "test", seed: int = 
         raise GeoChatError(f"{rsicd} has no images in the split {split!r}")
     rng = random.Random(seed)
     items = rng.sample(items, limit) if limit and limit < len(items) else items
+    missing = [item.image for item in items if not item.image.is_file()]
+    if missing:  # a question about a missing image would fail only at evaluation time
+        raise GeoChatError(f"{len(missing)} of the images the questions would ask about are missing, e.g. {missing[0]}; "
+                           f"check {rsicd}/annotations.jsonl against its images/ folder")
     rows, counts = [], {"yes": 0, "no": 0}
     for item in items:
         question = presence_question(item.captions, rng)
