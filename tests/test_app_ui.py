@@ -331,7 +331,7 @@ def test_gradio_handlers_show_errors_as_text(logic: SessionLogic, geotiffs: dict
     landsat = str(geotiffs["landsat8_int16_utm18.tif"])
     out = fns["on_open"](ChatSession(), landsat, "", "")
     session = out[0]
-    assert isinstance(session, ChatSession) and "EPSG:32618" in out[-2]
+    assert isinstance(session, ChatSession) and "EPSG:32618" in out[-3]
     with pytest.warns(UserWarning, match="type the thing to locate"):
         updates = list(fns["on_send"](session, "", "refer", False, "", None, None, None, None))
     assert updates[-1][0].transcript == [], "refer without a phrase is refused before anything is asked"
@@ -346,6 +346,9 @@ def test_gradio_handlers_show_errors_as_text(logic: SessionLogic, geotiffs: dict
         kept = fns["on_open"](session, landsat, "", "4,3,99")
     assert kept[0] is session and len(session.transcript) == 2 and session.loaded is not None
     assert "Could not open the image" in session.status
+    with pytest.warns(UserWarning, match="expects"):  # a refused preset: the menu shows the one in use again
+        refused = fns["on_open"](session, landsat, "sentinel2", "")
+    assert refused[-1] == session.rendering[0] == ""
     # valid new bands: a new conversation, and the tab says so (opening the same file the same way does not)
     out = fns["on_open"](session, landsat, "", "3,2,1")
     assert out[0].transcript == [] and "new conversation" in out[0].status

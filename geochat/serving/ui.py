@@ -126,13 +126,14 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
             except GeoChatError as exc:  # a typo in the bands or a bad file: what the tab had stays
                 gr.Warning(str(exc))
                 previous.status = f"⚠️ Could not open the image: {exc}"
-                return [*shown(previous), gr.skip(), gr.skip()]
+                # the preset menu shows the preset in use again, not the one just refused
+                return [*shown(previous), gr.skip(), gr.skip(), previous.rendering[0]]
             same_image = session.image_name == previous.image_name
             if previous.transcript and same_image and session.rendering != previous.rendering:
                 session.status = "Bands changed: a new conversation starts (the earlier answers saw other bands)."
             text = info_markdown(session.loaded) if session.loaded is not None else "*No image yet.*"
             gallery = gr.Gallery(value=session.similar or None, visible=bool(session.similar))
-            return [*shown(session), text, gallery]
+            return [*shown(session), text, gallery, gr.skip()]
 
         def on_send(session: ChatSession, text: str, task_name: str, with_cot: bool, label_text: str,
                     *region: float | None) -> Iterator[list[Any]]:
@@ -155,7 +156,7 @@ def build_ui(logic: SessionLogic) -> gr.Blocks:
 
         # whatever replaces the session (another image, other bands, starting over) first stops the answer
         # being streamed into it, which would otherwise put the old conversation back when it ends
-        open_outputs = [*common, info, similar]
+        open_outputs = [*common, info, similar, sensor]
         open_inputs = [state, upload, sensor, bands]
         upload.change(on_open, open_inputs, open_outputs, cancels=[sending])
         apply_bands.click(on_open, open_inputs, open_outputs, cancels=[sending])
