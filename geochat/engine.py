@@ -179,8 +179,6 @@ class GeoChat:
         start = time.perf_counter()
         if max_new_tokens is not None:
             _check_max_new_tokens(max_new_tokens)
-        if not isinstance(message, str):
-            raise GeoChatError(f"the message must be text, got {type(message).__name__}")
         check_text(message, labels)
         task = task_of(task)
         loaded = self._load(image, bands, sensor)

@@ -294,8 +294,10 @@ def task_of(task: Task | str | None) -> Task:
 NEEDS_IMAGE = (Task.CAPTION, Task.CLASSIFY, Task.REFER, Task.GROUNDING, Task.IDENTIFY)
 
 def check_text(message: str, labels: Sequence[str] | None = None) -> None:
-    """Refuse text the tokenizers cannot read: not valid Unicode (a lone surrogate, which a faulty client or a
-    command line in another encoding can send), or a label with nothing in it."""
+    """Refuse text the tokenizers cannot read: not text at all, not valid Unicode (a lone surrogate, which a faulty
+    client or a command line in another encoding can send), or a label with nothing in it."""
+    if not isinstance(message, str):
+        raise GeoChatError(f"the message must be text, got {type(message).__name__}")
     named = [("the message", message), *((f"label {i + 1}", label) for i, label in enumerate(labels or ()))]
     for what, text in named:
         try:

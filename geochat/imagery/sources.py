@@ -152,10 +152,14 @@ def _png_is_cut(f: BinaryIO, size: int) -> bool:
     return True
 
 
-def _refuse_cut_png(ds: DatasetReader, f: BinaryIO, size: int, name: str) -> None:
-    if ds.driver == "PNG" and _png_is_cut(f, size):
-        raise ImageryError(f"{name} is truncated: its PNG data stops before the end of the image; "
-                           "download or export it again")
+def _refuse_cut_png(ds: DatasetReader, data: Callable[[], BinaryIO], size: int, name: str) -> None:
+    """`data` opens the file's bytes; it is called for a PNG only."""
+    if ds.driver != "PNG":
+        return
+    with data() as f:
+        if _png_is_cut(f, size):
+            raise ImageryError(f"{name} is truncated: its PNG data stops before the end of the image; "
+                               "download or export it again")
 
 
 def _is_remote(path: str) -> bool:
@@ -179,15 +183,14 @@ def open_source(source: ImageSource) -> Iterator[tuple[DatasetReader, str | None
             raise ImageryError(f"{os.fsencode(path)!r}: the file name is not valid UTF-8, which GDAL needs; rename "
                                "the file") from None
         with _checked_open(lambda: rasterio.open(path), path) as ds:
-            if ds.driver == "PNG" and not _is_remote(path):
-                with open(path, "rb") as f:
-                    _refuse_cut_png(ds, f, os.path.getsize(path), path)
+            if not _is_remote(path):
+                _refuse_cut_png(ds, lambda: open(path, "rb"), os.path.getsize(path), path)
             yield ds, path, path
     elif isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise ImageryError("the image bytes are empty; upload the file again")
         with MemoryFile(bytes(source)) as mf, _checked_open(mf.open, "the uploaded image") as ds:
-            _refuse_cut_png(ds, io.BytesIO(source), len(source), "the uploaded image")
+            _refuse_cut_png(ds, lambda: io.BytesIO(source), len(source), "the uploaded image")
             yield ds, None, "the uploaded image"
     elif isinstance(source, Image.Image):
         arr, interp = _pil_to_array(source)
