@@ -232,7 +232,9 @@ def test_cli_classify_dual_json_and_report(scenes: Path, tiny_tower_dir: Path, t
     assert set(out["per_class"]) == {"airport", "farmland"}
     assert 0.0 <= out["accuracy"] <= 1.0
     assert (tmp_path / "rep" / "confusion.png").stat().st_size > 1000
-    assert "confusion.png" in (tmp_path / "rep" / "report.md").read_text()
+    report = (tmp_path / "rep" / "report.md").read_text()
+    assert "confusion.png" in report
+    assert "- rows: split `test`\n" in report  # a score means little without the rows it was measured on
 
 
 def test_cli_retrieve_json_keys(scenes: Path, tiny_tower_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         from geochat.eval.report import write_report
 
-        path = write_report(result, args.report, str(args.annotations), args.model or "default")
+        path = write_report(result, args.report, str(args.annotations), args.model or "default", _selection(args))
         print(f"report written to {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.metrics, ensure_ascii=False))
@@ -97,3 +97,13 @@ def run(args: argparse.Namespace) -> int:
             else:
                 print(f"{key:<26} {value:.4f}" if isinstance(value, float) else f"{key:<26} {value}")
     return 0
+
+
+def _selection(args: argparse.Namespace) -> str:
+    """Which rows a run scored, in words for its report: `split test, the first 100, a random 50 (seed 0)`."""
+    parts = [f"split `{args.split}`" if args.split is not None else "all splits"]
+    if args.limit is not None:
+        parts.append(f"the first {args.limit} usable")
+    if args.sample is not None:
+        parts.append(f"a random {args.sample} of them (seed {args.seed})")
+    return ", ".join(parts)

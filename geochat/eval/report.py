@@ -40,12 +40,13 @@ def _fmt(v: object) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def write_report(result: EvalResult, directory: Path, source: str, model: str) -> Path:
-    """Write `report.md` (+ `confusion.png` for classify, `predictions.jsonl`) into `directory`."""
+def write_report(result: EvalResult, directory: Path, source: str, model: str, rows: str = "all") -> Path:
+    """Write `report.md` (+ `confusion.png` for classify, `predictions.jsonl`) into `directory`; `rows` says
+    which rows of `source` were scored (a split, a --limit or a --sample: a score means little without it)."""
     directory.mkdir(parents=True, exist_ok=True)
     m = result.metrics
-    lines = [f"# geochat eval {m['task']}", "", f"- annotations: `{source}`", f"- model: `{model}`",
-             f"- items: {m['n']}", "", "| metric | value |", "|---|---|"]
+    lines = [f"# geochat eval {m['task']}", "", f"- annotations: `{source}`", f"- rows: {rows}",
+             f"- model: `{model}`", f"- items: {m['n']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in m.items() if k not in ("task", "n", "per_class", "per_type")]
     for key in ("per_class", "per_type"):
         if key in m:
