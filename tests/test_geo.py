@@ -249,3 +249,17 @@ def test_lonlat_bounds_keep_longitudes_in_range_and_refuse_past_a_pole() -> None
     assert bounds(-180.0, 90.0, 1.0, 360, 180) == (-180.0, -90.0, 180.0, 90.0)
     assert bounds(10.0, 95.0, 0.1, 500, 500) is None  # a footprint past the pole: wrong georeferencing
     assert bounds(-180.0, 90.25, 0.5, 720, 361) == (-180.0, -90.0, 180.0, 90.0)  # edge pixels just past it
+
+
+def test_box_rings_of_a_0_360_grid_read_in_minus_180_180() -> None:
+    from geochat.georeference import box_results
+    from geochat.imagery.geo import lonlat_bounds
+
+    transform = (1.0, 0.0, 200.0, 0.0, -1.0, 10.0)  # a grid in 0-360° longitudes
+    info = RasterInfo(None, 10, 10, 1, "uint8", "EPSG:4326", transform, None, (None,), ("gray",), None,
+                      lonlat_bounds("EPSG:4326", transform, 10, 10))
+    (box,), geojson = box_results([("a field", (1, 1, 3, 3, 0.0), [(1, 1), (3, 1), (3, 3), (1, 3)])], info)
+    ring = [(round(x, 9), round(y, 9)) for x, y in box.polygon_lonlat or []]
+    assert ring == [(-159, 9), (-157, 9), (-157, 7), (-159, 7), (-159, 9)]
+    geometry = geojson["features"][0]["geometry"]["coordinates"][0]
+    assert sorted((round(x, 9), round(y, 9)) for x, y in geometry[:-1]) == sorted(ring[:-1])  # one place both ways

@@ -178,10 +178,11 @@ def _reproject(src: str, dst: str, xy: Sequence[Point]) -> list[Point]:
 
 
 def pixel_to_lonlat(info: RasterInfo, points: Sequence[Point]) -> list[Point] | None:
-    """(col, row) in original raster pixels -> (lon, lat) in EPSG:4326; None when not georeferenced."""
+    """(col, row) in original raster pixels -> (lon, lat) in EPSG:4326, longitudes in [-180, 180] as in
+    `lonlat_bounds` (a grid in 0–360° longitudes reads a turn west); None when not georeferenced."""
     if info.crs is None or info.transform is None or info.bounds_lonlat is None:
         return None  # no CRS, or one without a conversion to lon/lat: boxes stay in pixels
-    return pixel_to_lonlat_raw(info.crs, info.transform, points)
+    return [(_wrap_lon(x), y) for x, y in pixel_to_lonlat_raw(info.crs, info.transform, points)]
 
 
 def _close_ring(ring: list[Point]) -> list[Point]:
@@ -225,6 +226,8 @@ def _lonlat_geometry(ring: list[Point]) -> dict[str, Any]:
         ring = ring[::-1]
     xs = [x for x, _ in ring]
     shift = -360.0 if max(xs) > 180.0 else 360.0 if min(xs) < -180.0 else 0.0
+    if min(xs) >= 180.0 or max(xs) <= -180.0:  # wholly a turn off (a 0–360° grid): moved, not split
+        ring, shift = [(x + shift, y) for x, y in ring], 0.0
     if not shift:
         return {"type": "Polygon", "coordinates": [[[x, y] for x, y in ring]]}
     meridian = 180.0 if shift < 0 else -180.0
