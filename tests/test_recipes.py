@@ -70,3 +70,19 @@ def test_numbers_and_relative_paths(tmp_path: Path) -> None:
     recipe = load_recipe(_write(tmp_path, "name: x\noutput: o\nalign: {annotations: d/a.jsonl, optim: {lr: 1e-3}}\n"))
     assert recipe.align is not None and recipe.align.optim.lr == 1e-3
     assert recipe.path(recipe.align.annotations) == (tmp_path / "d" / "a.jsonl").resolve()
+
+
+def test_init_names_a_directory_beside_the_recipe_or_the_shipped_default(tmp_path: Path) -> None:
+    from geochat.model.weights import TRAINED_DEFAULT_DIR
+    from geochat.train.run import init_dir
+
+    shipped = ADAPTERS / "geochat-mini-instruct.yaml"
+    assert init_dir(load_recipe(shipped)) == ADAPTERS / "geochat-mini"
+    copied = tmp_path / "mine.yaml"  # the shipped recipe copied into a user's project keeps its start
+    copied.write_text(shipped.read_text())
+    assert init_dir(load_recipe(copied)) == TRAINED_DEFAULT_DIR
+    (tmp_path / "geochat-mini").mkdir()  # ... unless a directory of that name is beside it
+    assert init_dir(load_recipe(copied)) == tmp_path / "geochat-mini"
+    other = _write(tmp_path, "name: x\noutput: o\ninit: my-model\nmodel: {lora: {r: 4}}\ninstruct: {conversations: c.json}\n")
+    with pytest.raises(GeoChatError, match="init: my-model is not a directory"):
+        init_dir(load_recipe(other))

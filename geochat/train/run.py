@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from geochat.errors import GeoChatError
+from geochat.model.weights import TRAINED_DEFAULT_DIR
 from geochat.train.dual_encoder import QUERY_BANK, RETRIEVAL_DIR
 from geochat.train.recipe import Recipe
 
@@ -32,6 +33,20 @@ def _accelerator() -> Any:
     from accelerate import Accelerator
 
     return Accelerator(cpu=not __import__("torch").cuda.is_available())
+
+
+def init_dir(recipe: Recipe) -> Path | None:
+    """The assistant directory `init` names: a path relative to the recipe, or the shipped default's name
+    ("geochat-mini", or "default") where no such directory is beside the recipe (a copied recipe keeps working)."""
+    if not recipe.init:
+        return None
+    found = recipe.path(recipe.init)
+    if not found.exists() and recipe.init in ("default", TRAINED_DEFAULT_DIR.name):
+        found = TRAINED_DEFAULT_DIR
+    if not found.is_dir():
+        raise GeoChatError(f"init: {recipe.init} is not a directory ({found}): name an assistant directory, relative "
+                           f"to the recipe, or '{TRAINED_DEFAULT_DIR.name}' for the shipped default model")
+    return found
 
 
 def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False, progress: bool = True,
@@ -49,9 +64,7 @@ def run_recipe(recipe: Recipe, output: Path | None = None, resume: bool = False,
         raise GeoChatError(f"--output {out} is a file; name a directory")
     if out.exists() and any(p.name != "recipe.json" for p in out.iterdir()) and not resume:  # (a failed start)
         raise GeoChatError(f"{out} is not empty: pass --resume to continue that run, or another --output")
-    previous: Path | None = recipe.path(recipe.init) if recipe.init else None
-    if previous is not None and not previous.is_dir():
-        raise GeoChatError(f"init directory not found: {previous}")
+    previous = init_dir(recipe)
     everyone_here()  # every process has checked `out` before the main one writes into it
     if main:
         out.mkdir(parents=True, exist_ok=True)
