@@ -40,6 +40,7 @@ from geochat.answer import Answer, ModelInfo, Timings, Turn
 from geochat.errors import GeoChatError, ImageryError
 from geochat.generation import (
     AnswerStream,
+    HeldAnswer,
     StopOnLoop,
     TextCallback,
     TimedStreamer,
@@ -60,6 +61,7 @@ from geochat.prompting import (
     TASK_TOKENS,
     Passage,
     Task,
+    answer_marker,
     build_user_message,
     check_text,
     prompt_facts,
@@ -213,12 +215,15 @@ class GeoChat:
             encode_s, session = self._session(loaded)
             ids = self._prompt_ids(turns, user, with_image=loaded is not None)
             check_context(self.assistant, len(ids), max_new_tokens or self.max_new_tokens)
-            streamer = TimedStreamer(self.assistant.tokenizer, on_text)
+            relabel = task is Task.CLASSIFY and bool(labels) and cot
+            held = HeldAnswer(on_text) if relabel else None
+            streamer = TimedStreamer(self.assistant.tokenizer, held or on_text)
             gen_start = time.perf_counter()
             allowed = label_constraint(self.assistant, task, labels, len(ids), cot)
             raw = self._generate(session, ids, max_new_tokens or self.max_new_tokens, streamer, allowed)
-            if task is Task.CLASSIFY and labels and cot:
+            if held is not None and labels:
                 raw = self._answer_from_labels(session, ids, raw, labels)
+                held.finish(raw)
         ttft = (streamer.first_token_at or time.perf_counter()) - gen_start + encode_s
         reasoning, final = split_reasoning(raw) if cot else (None, raw)
         boxes = parse_boxes(raw)
@@ -341,10 +346,13 @@ class GeoChat:
     def _answer_from_labels(self, session: _Session, ids: list[int], raw: str, labels: Sequence[str]) -> str:
         """With reasoning first, the labels cannot bound the whole answer: when the answer after the reasoning is
         not one of them, it is decoded again after the reasoning and an "Answer:" marker, bounded to the labels."""
-        if split_reasoning(raw)[1].strip() in labels:
+        marker = answer_marker(raw)
+        if (raw[marker.end():] if marker is not None else raw).strip() in labels:
             return raw
         a = self.assistant
-        text = f"{raw.rstrip()}\nAnswer: "
+        head = raw[: marker.start()] if marker is not None else raw  # the reasoning: an answer outside the labels
+        sep = "" if not head or head.endswith("\n") else "\n"          # is dropped, neither kept nor shown
+        text = f"{head}{sep}Answer: "
         follow = ids + list(a.tokenizer.encode(text, add_special_tokens=False))
         longest = max(len(a.tokenizer.encode(label, add_special_tokens=False)) for label in labels)
         label = self._generate(session, follow, longest + 1, TimedStreamer(a.tokenizer, None),

@@ -18,7 +18,7 @@ from transformers import StoppingCriteria, TextStreamer
 from geochat.box_geometry import rotated_iou
 from geochat.errors import GeoChatError, PromptTooLongError
 from geochat.grounding import Box, parse_boxes
-from geochat.prompting import SYSTEM_PROMPT, Task
+from geochat.prompting import SYSTEM_PROMPT, Task, answer_marker
 
 if TYPE_CHECKING:
     from geochat.answer import Answer, Turn
@@ -46,6 +46,35 @@ class TimedStreamer(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text and self.on_text is not None:
             self.on_text(text)
+
+
+class HeldAnswer:
+    """Forwards streamed reasoning as it comes, and holds back what follows its ``Answer:`` marker until `finish`
+    gives the final text (classification with reasoning may decode its answer again, bounded to the labels: a
+    stream must not show a label that is then taken back). Text goes on a line at a time, so a marker in the
+    middle of a line is found before any of it is sent."""
+
+    def __init__(self, on_text: TextCallback | None) -> None:
+        self.on_text, self.text, self.sent = on_text, "", ""
+        self.holding = False
+
+    def __call__(self, piece: str) -> None:
+        self.text += piece
+        if self.holding:
+            return
+        marker = answer_marker(self.text)
+        self.holding = marker is not None
+        self._send(self.text[: marker.start()] if marker is not None else self.text[: self.text.rfind("\n") + 1])
+
+    def finish(self, final: str) -> None:
+        """Send the rest of `final`, the whole generated text, where it extends what was sent."""
+        if final.startswith(self.sent):
+            self._send(final)
+
+    def _send(self, upto: str) -> None:
+        if len(upto) > len(self.sent) and upto.startswith(self.sent) and self.on_text is not None:
+            self.on_text(upto[len(self.sent):])
+            self.sent = upto
 
 
 class StopOnLoop(StoppingCriteria):

@@ -255,6 +255,12 @@ _ANSWER_AT_LINE = re.compile(
 _REASONING_LABEL = re.compile(r"^[\s>#*_-]*reasoning\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?", re.IGNORECASE)
 
 
+def answer_marker(text: str) -> re.Match[str] | None:
+    """The ``Answer:`` marker that `split_reasoning` splits at (the last one; one at a line's start preferred)."""
+    marks = list(_ANSWER_AT_LINE.finditer(text)) or list(_ANSWER.finditer(text))
+    return marks[-1] if marks else None
+
+
 def split_reasoning(text: str) -> tuple[str | None, str]:
     """Split model output into ``(reasoning, answer)``.
 
@@ -262,10 +268,9 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     start of a line is preferred) separates them; the ``Reasoning:`` label is dropped. Without a
     marker the whole text is the answer and the reasoning is None; empty reasoning is None too.
     """
-    marks = list(_ANSWER_AT_LINE.finditer(text)) or list(_ANSWER.finditer(text))
-    if not marks:
+    last = answer_marker(text)
+    if last is None:
         return None, text.strip()
-    last = marks[-1]
     reasoning = _REASONING_LABEL.sub("", text[: last.start()], count=1).strip()
     return (reasoning or None), text[last.end() :].strip()
 

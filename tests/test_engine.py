@@ -403,6 +403,33 @@ def test_classify_with_reasoning_still_answers_one_of_the_labels(gc: GeoChat) ->
         assert answer.raw.endswith(f"Answer: {answer.answer}") or answer.raw.strip() == answer.answer
 
 
+def test_classify_with_reasoning_streams_only_the_answer_it_gives(gc: GeoChat) -> None:
+    labels = ["airport", "forest", "dense residential"]
+    for seed in range(3):
+        stream = gc.stream((np.random.RandomState(seed).rand(48, 48, 3) * 255).astype(np.uint8), "which scene?",
+                           task="classify", labels=labels, cot=True)
+        streamed = "".join(stream)
+        assert stream.answer is not None and stream.answer.answer in labels
+        assert streamed == stream.answer.raw  # no label streamed and then taken back
+
+
+def test_held_answer_sends_reasoning_by_lines_and_the_answer_once_final() -> None:
+    from geochat.generation import HeldAnswer
+
+    got: list[str] = []
+    held = HeldAnswer(got.append)
+    for piece in ("Reasoning: green", " fields.\nno ro", "ofs.\nAns", "wer: farm", "land"):
+        held(piece)
+    assert "".join(got) == "Reasoning: green fields.\nno roofs.\n"  # the answer after the marker waits
+    held.finish("Reasoning: green fields.\nno roofs.\nAnswer: forest")  # decoded again, bounded to the labels
+    assert "".join(got) == "Reasoning: green fields.\nno roofs.\nAnswer: forest"
+    got.clear()
+    held = HeldAnswer(got.append)
+    for piece in ("It is green, so the answer: far", "mland"):  # a marker inside a line
+        held(piece)
+    assert "".join(got) == "It is green, so the"
+
+
 def test_an_image_without_a_valid_pixel_is_refused_not_described(gc: GeoChat, tmp_path: Path) -> None:
     import rasterio
 
