@@ -437,6 +437,27 @@ def test_a_docs_index_rebuilt_by_another_process_is_read_again(
     assert gc.chat(None, "What is the revisit time?").sources  # read without a restart
 
 
+def test_a_running_search_sees_what_another_process_indexed_since(tmp_path: Path, docs: Path,
+                                                                  embedder: TextEmbedder) -> None:
+    """An app keeps its store open while `geochat index docs` updates it from another shell: chromadb's vectors
+    in the app's memory would stay as they were, scoring the new texts by the old vectors."""
+    import subprocess
+    import sys
+
+    location = StoreLocation(path=tmp_path / "index")
+    index_docs(IndexStore.open(location, create=True), docs, embedder=embedder, progress=False)
+    retriever = Retriever(IndexStore.open(location), text_embedder=embedder)
+    assert retriever.search("NDWI open water threshold", k=1)[0].source.endswith("indices.md")
+    (docs / "indices.md").write_text("# Harbour cranes\n\nThe harbour has three container cranes on its pier.\n")
+    (docs / "quokka.md").write_text("# Quokka index\n\nThe quokka index measures soil moisture from radar.\n")
+    subprocess.run([sys.executable, "-c", "import sys; from geochat.cli import main; sys.exit(main())", "index", "docs", str(docs),
+                    "--index-dir", str(location.path), "--no-progress"], check=True, capture_output=True, timeout=300)
+    found = retriever.search("soil moisture quokka index", k=1)[0]
+    assert found.source.endswith("quokka.md") and found.score > 0.5, found
+    cranes = retriever.search("container cranes in a harbour", k=1)[0]
+    assert cranes.source.endswith("indices.md") and "cranes" in cranes.text and cranes.score > 0.5, cranes
+
+
 def test_a_doc_without_text_is_indexed_once(tmp_path: Path, docs: Path, embedder: TextEmbedder) -> None:
     from geochat.retrieval.docs import plan_docs
 

@@ -55,6 +55,7 @@ class Retriever:
         self.store = store
         self.k = k
         self._text = text_embedder
+        self._runs: dict[str, str | None] = {}  # the run stamp of each collection as this retriever opened it
 
     @property
     def text_embedder(self) -> TextEmbedder:
@@ -64,7 +65,7 @@ class Retriever:
 
     @cached_property
     def _docs(self) -> Any | None:
-        return self.store.collection(DOCS)
+        return self._open(DOCS)
 
     def forget_docs(self) -> None:
         """Drop the cached docs collection: the next search opens it again (after a rebuild, here or elsewhere)."""
@@ -72,11 +73,29 @@ class Retriever:
 
     @cached_property
     def _images(self) -> Any | None:
-        return self.store.collection(IMAGES)
+        return self._open(IMAGES)
 
     @cached_property
     def _captions(self) -> Any | None:
-        return self.store.collection(CAPTIONS)
+        return self._open(CAPTIONS)
+
+    def _open(self, name: str) -> Any | None:
+        col = self.store.collection(name)
+        self._runs[name] = None if col is None else (col.metadata or {}).get("geochat_run")
+        return col
+
+    def _catch_up(self, name: str) -> bool:
+        """Before a search of `name`: where an indexing run has finished it since this retriever opened it (here
+        or in another process: `geochat index` beside a running app), or dropped it, open the store again, so
+        that the search sees the new records and vectors (it would otherwise score the new texts by the old
+        vectors). Returns whether it did."""
+        if name not in self._runs or self.store.run_of(name) == self._runs[name]:
+            return False
+        self.store.reopen()
+        for cached in ("_docs", "_images", "_captions", "image_embedder"):
+            self.__dict__.pop(cached, None)
+        self._runs.clear()
+        return True
 
     @cached_property
     def image_embedder(self) -> Any | None:
@@ -99,9 +118,12 @@ class Retriever:
         """The `k` passages closest to `query`, labelled S1..Sk; [] where no docs are indexed."""
         if not query.strip():
             return []
+        changed = self._catch_up(DOCS)
         docs = self._docs
-        if docs is None:  # none indexed (or dropped by a rebuild elsewhere): look again next time
+        if docs is None:  # none indexed, or dropped by a rebuild elsewhere: look again next time
             self.forget_docs()
+            if changed:
+                raise self._being_rebuilt()
             return []
         vector = self.text_embedder.embed_query(query)
         try:
@@ -131,14 +153,18 @@ class Retriever:
         self.forget_docs()
         docs = self._docs  # the store says when the new one is still being written, or was left half-written
         if docs is None:
-            raise CorruptIndexError(f"the docs index in {self.store.location} is being rebuilt by another process; "
-                                    "ask again when `geochat index docs` has finished")
+            raise self._being_rebuilt()
         return docs
+
+    def _being_rebuilt(self) -> CorruptIndexError:
+        return CorruptIndexError(f"the docs index in {self.store.location} is being rebuilt by another process; "
+                                 "ask again when `geochat index docs` has finished")
 
     # -- images ----------------------------------------------------------------------------------
 
     def search_images(self, text: str, k: int | None = None) -> list[ImageHit]:
         """Archive images for a text: the embedder's text side, else the images' captions."""
+        self._catch_up(IMAGES)
         if self._images is None or not text.strip():
             return []
         embedder = self.image_embedder
@@ -150,6 +176,7 @@ class Retriever:
 
     def similar_images(self, image: str | Path | np.ndarray, k: int | None = None) -> list[ImageHit]:
         """Archive images closest to `image` (a path or an (h, w, 3) uint8 RGB array)."""
+        self._catch_up(IMAGES)
         if self._images is None:
             return []
         from geochat.retrieval.images import load_rgb

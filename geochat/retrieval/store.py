@@ -252,11 +252,36 @@ class IndexStore:
         return col
 
     def finish(self, col: Any, **extra: str) -> int:
-        """Mark a collection finished and record its size (and `extra` metadata); returns the size."""
+        """Mark a collection finished and record its size (and `extra` metadata) and a new run stamp (`run_of`);
+        returns the size."""
         meta = dict(col.metadata or {})
         count = col.count()
-        col.modify(metadata={**meta, **extra, "geochat_complete": True, "geochat_count": count})
+        col.modify(metadata={**meta, **extra, "geochat_complete": True, "geochat_count": count,
+                             "geochat_run": uuid.uuid4().hex})
         return count
+
+    def run_of(self, name: str) -> str | None:
+        """The stamp of the last indexing run that finished `name`, read afresh from the store (None where it
+        does not exist). A process that opened the store before another process's run ended still searches
+        the vectors it loaded then: a changed stamp says to `reopen`."""
+        try:
+            return (self.client.get_collection(name, embedding_function=None).metadata or {}).get("geochat_run")
+        except NotFoundError:
+            return None
+        except ChromaError as exc:
+            raise CorruptIndexError(f"collection {name} in {self.location} is unreadable ({exc}); {REBUILD_HINT}") from exc
+
+    def reopen(self) -> None:
+        """Open a local store afresh. chromadb keeps one system per path, with its vector indexes in memory, and
+        never reloads them after another process writes: the cached system is set aside (not stopped: other
+        clients in this process may still hold it) so that the new client loads what is on disk now."""
+        if self.location.path is None:
+            return  # a chroma server serves every client the same, current collections
+        identifier = str(getattr(self.client, "_identifier", ""))
+        SharedSystemClient._identifier_to_system.pop(identifier, None)
+        SharedSystemClient._identifier_to_refcount.pop(identifier, None)
+        self.client = chromadb.PersistentClient(path=str(self.location.path),
+                                                settings=chromadb.Settings(anonymized_telemetry=False))
 
     def drop(self, name: str) -> None:
         try:
