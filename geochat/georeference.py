@@ -34,8 +34,9 @@ def region_to_grid(region: Sequence[float], loaded: LoadedImage | None) -> Box:
 
 def georeference(boxes: Sequence[Box], loaded: LoadedImage | None) -> tuple[list[BoxResult], dict[str, Any] | None]:
     """The model's boxes (grid units) as raster pixels and, where the raster is georeferenced, EPSG:4326
-    polygons and a GeoJSON FeatureCollection; one box per object and phrase, boxes off the image dropped."""
-    if not boxes or loaded is None:
+    polygons and a GeoJSON FeatureCollection (empty without boxes: null says only that the image has no map
+    coordinates); one box per object and phrase, boxes off the image dropped."""
+    if loaded is None:
         return [], None
     info = loaded.info
     w, h = info.width, info.height
@@ -61,12 +62,10 @@ def georeference(boxes: Sequence[Box], loaded: LoadedImage | None) -> tuple[list
 def box_results(boxes: Sequence[tuple[str | None, tuple[float, float, float, float, float], list[Point]]],
                 info: RasterInfo) -> tuple[list[BoxResult], dict[str, Any] | None]:
     """(phrase, pixel box, its pixel polygon) → `BoxResult`s with EPSG:4326 rings where the raster is
-    georeferenced, and their GeoJSON FeatureCollection (None without boxes)."""
+    georeferenced, and their GeoJSON FeatureCollection (None where the raster is not georeferenced)."""
     results = []
     for phrase, pixel, polygon in boxes:
         lonlat = pixel_to_lonlat(info, polygon)
         results.append(BoxResult(phrase, pixel, [*lonlat, lonlat[0]] if lonlat else None))
-    if not results:
-        return [], None
     properties = [{"phrase": r.phrase, "pixel": list(r.pixel)} for r in results]
     return results, polygons_to_geojson([polygon for *_, polygon in boxes], info, properties)

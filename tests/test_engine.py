@@ -119,8 +119,9 @@ def test_boxes_off_the_image_are_dropped_and_boxes_across_its_edge_are_cut(gc: G
     turned, _ = georeference(parse_boxes(format_grounded([("turned", [Box(10, 15, 40, 45, 30.0)])])), loaded)
     assert turned and turned[0].polygon_lonlat is not None
     assert all(south - 1e-6 <= y <= north + 1e-6 for _, y in turned[0].polygon_lonlat)
-    only_off, none = georeference(parse_boxes(format_grounded([("off", [Box(0, 0, 100, 10)])])), loaded)
-    assert only_off == [] and none is None
+    only_off, empty = georeference(parse_boxes(format_grounded([("off", [Box(0, 0, 100, 10)])])), loaded)
+    assert only_off == [] and empty == {"type": "FeatureCollection", "features": []}  # georeferenced, no box
+    assert georeference([], loaded) == ([], empty)
     sliver, _ = georeference(parse_boxes(format_grounded([("sliver", [Box(10, 0, 40, 25.5)])])), loaded)
     assert sliver == []  # all but 2 % of it in the padding
     # one box per object: a box walked a step at a time is kept once (the largest), apart objects all stay,
