@@ -167,8 +167,9 @@ def test_box_to_geojson_lonlat(rect: RasterInfo) -> None:
         for lon, lat in ring:                                   # lon first
             assert -75.1 < lon < -74.9 and 36.0 < lat < 36.2
     first = gj["features"][0]["geometry"]["coordinates"][0]
-    expected = pixel_to_lonlat(rect, [(100, 50), (300, 50), (300, 150), (100, 150)]) or []
-    assert sorted(tuple(p) for p in first[:-1]) == sorted(expected)
+    corners = pixel_to_lonlat(rect, [(100, 50), (300, 50), (300, 150), (100, 150)]) or []
+    assert set(corners) <= {tuple(p) for p in first}  # with points along each edge, reprojected too
+    assert len(first) == 4 * 16 + 1
 
 
 def test_geojson_properties_must_match() -> None:
@@ -262,4 +263,44 @@ def test_box_rings_of_a_0_360_grid_read_in_minus_180_180() -> None:
     ring = [(round(x, 9), round(y, 9)) for x, y in box.polygon_lonlat or []]
     assert ring == [(-159, 9), (-157, 9), (-157, 7), (-159, 7), (-159, 9)]
     geometry = geojson["features"][0]["geometry"]["coordinates"][0]
-    assert sorted((round(x, 9), round(y, 9)) for x, y in geometry[:-1]) == sorted(ring[:-1])  # one place both ways
+    assert set(ring) <= {(round(x, 9), round(y, 9)) for x, y in geometry}  # one place both ways
+
+
+@pytest.mark.parametrize("west, box, want", [
+    (-180.0, (10, 10, 90, 90), [(-144.0, 144.0)]),               # 80 % of a world map: one polygon, this side round
+    (-180.0, (0, 0, 100, 100), [(-180.0, 180.0)]),               # the whole map
+    (0.0, (10, 10, 90, 90), [(36.0, 180.0), (-180.0, -36.0)]),   # a 0-360° grid: split at 180°
+    (0.0, (50, 10, 100, 90), [(-180.0, 0.0)]),                   # ... or moved whole
+])
+def test_boxes_wider_than_half_the_globe_cover_their_own_pixels(west: float, box: tuple[int, ...],
+                                                               want: list[tuple[float, float]]) -> None:
+    from geochat.imagery.geo import lonlat_bounds
+
+    transform = (3.6, 0.0, west, 0.0, -1.8, 90.0)  # 100 × 100 pixels over the whole globe
+    info = RasterInfo(None, 100, 100, 1, "uint8", "EPSG:4326", transform, None, (None,), ("gray",), None,
+                      lonlat_bounds("EPSG:4326", transform, 100, 100))
+    x1, y1, x2, y2 = box
+    gj = polygons_to_geojson([[(x1, y1), (x2, y1), (x2, y2), (x1, y2)]], info, [{}]) or {}
+    geometry = gj["features"][0]["geometry"]
+    polygons = geometry["coordinates"] if geometry["type"] == "MultiPolygon" else [geometry["coordinates"]]
+    spans = [(min(x for x, _ in p[0]), max(x for x, _ in p[0])) for p in polygons]
+    assert spans == [pytest.approx(w) for w in want]
+    for (ring,) in polygons:
+        assert _ring_area(ring) > 0 and ring[0] == ring[-1]
+
+
+def test_a_box_over_a_pole_reaches_it(tmp_path: Path) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    path = tmp_path / "arctic.tif"  # NSIDC polar stereographic north, 1,000 km square round the pole
+    with rasterio.open(path, "w", driver="GTiff", width=200, height=200, count=1, dtype="uint8", crs="EPSG:3413",
+                       transform=from_origin(-500000, 500000, 5000, 5000)) as ds:
+        ds.write(np.ones((1, 200, 200), np.uint8))
+    gj = polygons_to_geojson([[(80, 80), (120, 80), (120, 120), (80, 120)]], read_info(path), [{}]) or {}
+    geometry = gj["features"][0]["geometry"]
+    polygons = geometry["coordinates"] if geometry["type"] == "MultiPolygon" else [geometry["coordinates"]]
+    points = [p for (ring,) in polygons for p in ring]
+    assert max(y for _, y in points) == 90.0 and min(y for _, y in points) > 88.6  # the corners, 141 km out
+    assert all(-180 <= x <= 180 for x, _ in points)
+    assert sum(_ring_area(ring) for (ring,) in polygons) > 300  # lon × lat degrees: the whole cap, not a sliver

@@ -218,10 +218,26 @@ def _clip(ring: Sequence[Point], meridian: float, keep_west: bool) -> list[Point
     return _close_ring(out)
 
 
+EDGE_PIECES = 16  # points a box edge becomes in lon/lat: 22.5° apart at most on a global grid
+
+
+def _densify(ring: Sequence[Point], pieces: int = EDGE_PIECES) -> list[Point]:
+    """A closed pixel ring with each edge cut into `pieces`: reprojected, its points stay close enough to each
+    other for `_unwrap` to follow a box wider than 180° of longitude, and its edges follow a curved projection."""
+    out = [ring[0]]
+    for (x0, y0), (x1, y1) in zip(ring, ring[1:], strict=False):
+        out += [(x0 + (x1 - x0) * i / pieces, y0 + (y1 - y0) * i / pieces) for i in range(1, pieces + 1)]
+    return out
+
+
 def _lonlat_geometry(ring: list[Point]) -> dict[str, Any]:
-    """A lon/lat ring as an RFC 7946 geometry: wound counter-clockwise, and split at the antimeridian
-    into a MultiPolygon (§3.1.9) when it crosses it."""
+    """A lon/lat ring as an RFC 7946 geometry: wound counter-clockwise, split at the antimeridian into a
+    MultiPolygon (§3.1.9) when it crosses it, and run up to the pole it goes round (a box over a pole on a
+    polar stereographic grid)."""
     ring = _unwrap(ring)
+    if abs(ring[-1][0] - ring[0][0]) > 180:  # back at its first point a turn away: it went round a pole
+        pole = 90.0 if sum(y for _, y in ring) > 0 else -90.0
+        ring = [*ring, (ring[-1][0], pole), (ring[0][0], pole), ring[0]]
     if _signed_area(ring) < 0:
         ring = ring[::-1]
     xs = [x for x, _ in ring]
@@ -260,6 +276,8 @@ def polygons_to_geojson(polygons: Sequence[Sequence[Point]], info: RasterInfo, p
             raise ValueError(f"a polygon needs at least 3 points, got {len(poly)}")
         # Close the ring in pixel space so that first and last points reproject identically.
         ring_px = _close_ring([(float(c), float(r)) for c, r in poly])
+        if target == "EPSG:4326" or target != info.crs:  # in a projected raster's own CRS a box edge is straight:
+            ring_px = _densify(ring_px)                      # its corners say it all
         ring = _reproject(info.crs, target, pixel_to_map(info, ring_px))
         if target == "EPSG:4326":
             geometry = _lonlat_geometry(ring)
