@@ -34,7 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "inputs", None), list) and not any(e.startswith("-") for e in extra):
+        args.inputs += extra  # `ask IMAGE --task refer "question"`: options between the image and the question
+    elif extra:
+        parser.parse_args(argv)  # argparse's own error for what it does not know
     if not args.verbose:
         _quiet_libraries()
     try:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tqdm import tqdm
+
 from geochat.answer import Answer, Timings
 from geochat.box_geometry import (
     BoxGrid,
@@ -136,6 +138,17 @@ def _touch(a: tuple[float, float, float, float], b: tuple[float, float, float, f
     return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
+def check_tiling(tile: int, overlap: int) -> None:
+    """Refuse a tile size or overlap that plans no tiling, saying which value is wrong."""
+    if tile < 1:
+        raise GeoChatError(f"--tile ({tile}) must be a positive number of pixels, e.g. 1024")
+    if overlap < 0:
+        raise GeoChatError(f"--overlap ({overlap}) must be 0 or more pixels")
+    if tile <= overlap:
+        raise GeoChatError(f"--tile ({tile}) must be larger than --overlap ({overlap}, the default when not given): "
+                           "pass a larger --tile or a smaller --overlap")
+
+
 def chat_tiled(
     gc: GeoChat,
     source: str | Path,
@@ -147,18 +160,21 @@ def chat_tiled(
     bands: Sequence[int] | str | None = None,
     sensor: str | None = None,
     overview: LoadedImage | None = None,
+    progress: bool = False,
     **chat_kwargs: Any,
 ) -> Answer:
-    """Ask `message` of every tile of a large raster; boxes come back merged in raster pixels and EPSG:4326."""
-    if tile <= overlap or overlap < 0:
-        raise GeoChatError(f"--tile ({tile}) must be larger than --overlap ({overlap}), and --overlap at least 0")
+    """Ask `message` of every tile of a large raster; boxes come back merged in raster pixels and EPSG:4326.
+    `progress` shows a bar on stderr (a tile takes as long as one answer: seconds to a minute on a CPU)."""
+    check_tiling(tile, overlap)
     if overview is None:  # the caller may already hold it (the CLI draws the boxes on it)
         overview = load_image(source, bands=bands, sensor=sensor, max_pixels=TILED_MAX_PIXELS)
     info = overview.info
     found: list[tuple[str | None, Box, Tile, bool]] = []
     texts: list[str] = []
     encode = ttft = total = 0.0
-    for t in plan_tiles(info.width, info.height, tile, overlap):
+    tiles = plan_tiles(info.width, info.height, tile, overlap)
+    bar = tqdm(tiles, desc=f"{len(tiles)} tiles", unit="tile", disable=not progress)
+    for t in bar:
         rgb = read_window(source, (t.col, t.row, t.width, t.height), bands, out_size=min(tile, DEFAULT_TILE),
                           sensor=sensor, stretch=overview.stretch)
         answer = gc.chat(rgb, message, task=task, **chat_kwargs)
@@ -170,6 +186,7 @@ def chat_tiled(
             x1, y1, x2, y2, theta = result.pixel
             box = Box(t.col + x1 * scale, t.row + y1 * scale, t.col + x2 * scale, t.row + y2 * scale, theta)
             found.append((result.phrase, box, t, cut_edges(box, t, info.width, info.height)))
+        bar.set_postfix(boxes=len(found))
     located = []
     for phrase, b in merge_boxes(join_cut_boxes(found)):
         # a turned box at the raster's edge is cut there, as on one view (`pixel` stays the model's rectangle)

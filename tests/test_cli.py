@@ -88,7 +88,9 @@ def test_caption_needs_no_question(capsys: pytest.CaptureFixture[str], model_dir
         (["{s2}", "q", "--out", "{dir}/boxes.tif"], "name a .png or .jpg file"),
         (["{s2}", "q", "--out", "/no/such/folder/boxes.png"], "the folder /no/such/folder does not exist"),
         (["{s2}", "q", "--overlap", "10"], "--overlap applies to tiles: pass --tile as well"),
-        (["{s2}", "q", "--tile", "0"], "--tile (0) must be larger than --overlap (128)"),
+        (["{s2}", "q", "--tile", "0"], "--tile (0) must be a positive number of pixels"),
+        (["{s2}", "q", "--tile", "100"], "--tile (100) must be larger than --overlap (128, the default when not"),
+        (["{s2}", "q", "--tile", "512", "--overlap", "-1"], "--overlap (-1) must be 0 or more pixels"),
         (["--no-image", "q", "--bands", "1,2,3"], "--bands need an image"),
         (["--no-image", "where?", "--task", "refer"], "the refer task is about an image's pixels"),
         (["{s2}", "q", "--task", "classify", "--labels", "forest,\ud800"], "not valid Unicode"),
@@ -152,11 +154,22 @@ def test_console_script_never_shows_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
 
 
+def test_options_may_stand_between_the_image_and_the_question(capsys: pytest.CaptureFixture[str], model_dir: Path,
+                                                             geotiffs: dict[str, Path]) -> None:
+    code, out, _ = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "--task", "refer", "--json", "buildings",
+                        "--model", str(model_dir), "--max-new-tokens", "2", "--no-retrieval")
+    assert code == 0 and json.loads(out)["task"] == "refer"
+    with pytest.raises(SystemExit):
+        _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "q", "--no-such-option")
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
 def test_tiled_json(capsys: pytest.CaptureFixture[str], model_dir: Path, geotiffs: dict[str, Path]) -> None:
-    code, out, _ = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "buildings", "--model", str(model_dir),
-                        "--json", "--max-new-tokens", "4", "--tile", "256", "--overlap", "32", "--task", "refer",
-                        "--no-retrieval")
+    code, out, err = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "buildings", "--model", str(model_dir),
+                          "--json", "--max-new-tokens", "4", "--tile", "256", "--overlap", "32", "--task", "refer",
+                          "--no-retrieval")
     assert code == 0
+    assert "6 tiles" in err and "6/6" in err  # a long tiled run says how far it is (on stderr, beside the JSON)
     data = json.loads(out)
     assert data["task"] == "refer" and data["facts"]["size"] == [600, 300]
     code, _, err = _ask(capsys, str(geotiffs["rect_600x300_utm.tif"]), "x", "--model", str(model_dir), "--tile", "64",

@@ -91,6 +91,10 @@ def _drawing_path(out: Path | None, image_path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.overlap is not None and args.tile is None:
         raise GeoChatError("--overlap applies to tiles: pass --tile as well")
+    if args.tile is not None:
+        from geochat.tiling import DEFAULT_OVERLAP, check_tiling
+
+        check_tiling(args.tile, DEFAULT_OVERLAP if args.overlap is None else args.overlap)  # before the model loads
     if args.no_image:
         if len(args.inputs) != 1:
             raise GeoChatError("with --no-image pass only the question")
@@ -127,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             raise GeoChatError("--tile needs an image and does not take --region")
         answer = gc.chat_tiled(image_path, question, overview=loaded, task=args.task or "grounding", tile=args.tile,
                                overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap, bands=args.bands,
-                               sensor=args.sensor, cot=args.cot, labels=labels)
+                               sensor=args.sensor, cot=args.cot, labels=labels, progress=True)
     else:
         answer = gc.chat(loaded, question, task=args.task, cot=args.cot, region=args.region, labels=labels)
 
