@@ -61,6 +61,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("geochat").setLevel(logging.WARNING)  # ours say what a user should know (a run waiting)
     import warnings
 
     warnings.filterwarnings("ignore")

@@ -192,7 +192,8 @@ class GeoChat:
                                "the bands shown; choose other bands, or check the file's nodata value")
         region_box = region_to_grid(region, loaded) if region is not None else None
         if task is Task.IDENTIFY and region_box is None:
-            raise GeoChatError("the identify task needs a region: pass --region x1,y1,x2,y2 (pixels)")
+            raise GeoChatError("the identify task needs a region: region=(x1, y1, x2, y2) in pixels "
+                               "(--region x1,y1,x2,y2 on the command line)")
         # Documentation helps answer questions, not locate or describe pixels: only chat turns retrieve
         # (caption/classify are also asked exactly as the model was trained: facts, no passages).
         if passages is None and self.retriever is not None and task is Task.CHAT:

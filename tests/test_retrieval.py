@@ -497,3 +497,23 @@ def test_concurrent_queries_leave_torchs_thread_count_as_it_was(embedder: TextEm
             assert later.submit(torch.get_num_threads).result() == 2  # not the 1 a query runs with
     finally:
         torch.set_num_threads(2)
+
+
+def test_indexing_another_folder_says_it_replaces_the_first(tmp_path: Path, docs: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    index = tmp_path / "index"
+    assert main(["index", "docs", str(tmp_path / "nowhere"), "--index-dir", str(index), "--no-progress"]) == 2
+    assert "documentation directory not found" in capsys.readouterr().err and not index.exists()  # no store made
+    assert main(["index", "docs", str(docs), "--index-dir", str(index), "--no-progress"]) == 0
+    mine = write_docs(tmp_path / "mine", {"bom.md": "\ufeff---\ntitle: BOM doc\n---\n# Ibex\n\nThe ibex product.\n"})
+    capsys.readouterr()
+    assert main(["index", "docs", str(mine), "--index-dir", str(index), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"held the 6 passages of {docs.resolve()}; they are replaced by those of {mine.resolve()}" in err
+    retriever = Retriever(IndexStore.open(StoreLocation(path=index)))
+    (passage,) = retriever.search("ibex", k=5)  # a BOM before the front matter: read as front matter, not text
+    assert passage.text == "The ibex product." and passage.heading == "Ibex"
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        retriever.search("ibex", k=0)
+    report = index_docs(IndexStore.open(StoreLocation(path=index)), str(mine), progress=False)  # a str path
+    assert report.skipped == 1 and report.total_records == 1

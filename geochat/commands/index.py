@@ -65,10 +65,19 @@ def _print(report: Any, args: argparse.Namespace, store: Any, what: str) -> int:
 
 def run_docs(args: argparse.Namespace) -> int:
     from geochat.retrieval import BUNDLED_KNOWLEDGE, index_docs
+    from geochat.retrieval.docs import docs_root_of, find_docs
+    from geochat.retrieval.store import DOCS
 
+    root = (args.directory or BUNDLED_KNOWLEDGE).resolve()
+    find_docs(root)  # a missing folder fails before a store is created for it
     store = _open_for_writing(args)
-    report = index_docs(store, args.directory or BUNDLED_KNOWLEDGE, rebuild=args.rebuild,
-                        progress=not args.no_progress)
+    before = None if args.rebuild else store.collection(DOCS)
+    if before is not None and docs_root_of(before) not in (None, str(root)) and before.count():
+        # one index mirrors one folder: say so before a user's folder takes the place of knowledge/
+        print(f"geochat: {store.location} held the {before.count()} passages of {docs_root_of(before)}; they are "
+              f"replaced by those of {root} (index it with --index-dir DIR to keep both, and pass the same "
+              "--index-dir to ask and search)", file=sys.stderr)
+    report = index_docs(store, root, rebuild=args.rebuild, progress=not args.no_progress)
     return _print(report, args, store, "documents")
 
 

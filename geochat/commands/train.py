@@ -1,4 +1,4 @@
-"""`geochat train RECIPE.yaml`: run a training recipe (align → pretrain → instruct)."""
+"""`geochat train RECIPE.yaml`: run a training recipe (align → pretrain → instruct, and retrieval)."""
 
 from __future__ import annotations
 

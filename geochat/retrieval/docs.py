@@ -117,7 +117,7 @@ def load_document(path: Path, source: str, content_hash: str) -> Any:
     """A llama-index `Document` of the body, with front matter as metadata."""
     from llama_index.core import Document
 
-    meta, body = split_front_matter(path.read_text(encoding="utf-8"), source)
+    meta, body = split_front_matter(path.read_text(encoding="utf-8-sig"), source)  # -sig: a BOM is no text
     title = _as_text(meta.get("title"), " ").strip()
     if not title:
         first = next((m for m in map(_HEADING.match, body.splitlines()) if m), None)
@@ -215,14 +215,15 @@ def docs_root_of(col: Any) -> str | None:
 
 def index_docs(
     store: IndexStore,
-    root: Path,
+    root: str | Path,
     embedder: TextEmbedder | None = None,
     rebuild: bool = False,
     progress: bool = True,
 ) -> IndexReport:
-    """Bring the docs collection in line with the Markdown files under `root` (incrementally)."""
+    """Bring the docs collection in line with the Markdown files under `root` (incrementally). One collection
+    mirrors one folder: the passages of files outside `root` are removed."""
     start = time.perf_counter()
-    root = root.resolve()
+    root = Path(root).resolve()
     embedder = embedder or TextEmbedder()
     find_docs(root)  # a missing directory fails before the store is touched
     with store.writing():

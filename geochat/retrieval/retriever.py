@@ -116,6 +116,8 @@ class Retriever:
 
     def search(self, query: str, k: int | None = None) -> list[Passage]:
         """The `k` passages closest to `query`, labelled S1..Sk; [] where no docs are indexed."""
+        if k is not None and k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         if not query.strip():
             return []
         changed = self._catch_up(DOCS)
