@@ -62,6 +62,7 @@ from geochat.prompting import (
     Passage,
     Task,
     answer_marker,
+    asked,
     build_user_message,
     check_text,
     prompt_facts,
@@ -196,15 +197,14 @@ class GeoChat:
                                "(--region x1,y1,x2,y2 on the command line)")
         # Documentation helps answer questions, not locate or describe pixels: only chat turns retrieve
         # (caption/classify are also asked exactly as the model was trained: facts, no passages).
+        turns = [Turn.of(t) for t in (history or ())]
         if passages is None and self.retriever is not None and task is Task.CHAT:
             try:
-                found = self.retriever.search(message)
-                passages = [p for p in found if p.score is None or p.score >= MIN_PASSAGE_SCORE]
+                passages = self._passages(message, turns)
             except GeoChatError as exc:  # the documentation is an aid: a store rebuilt elsewhere
                 log.warning("documentation search failed (%s); answering without passages", exc)  # must not
                 passages = []                                                                        # stop the answer
         facts = loaded.facts if loaded is not None else {}
-        turns = [Turn.of(t) for t in (history or ())]
         try:
             user = build_user_message(
                 message, task=task, region=region_box, facts=prompt_facts(facts) if not turns else None,
@@ -343,6 +343,17 @@ class GeoChat:
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
         return time.perf_counter() - t, session
+
+    def _passages(self, message: str, turns: Sequence[Turn]) -> list[Passage]:
+        """The passages close enough to the question; a follow-up ("And how is it computed?") that finds none
+        alone is searched again together with the question before it, which names what "it" is."""
+        assert self.retriever is not None
+        queries = [message, *([f"{asked(turns[-1].user)} {message}"] if turns else [])]
+        for query in queries:
+            found = [p for p in self.retriever.search(query) if p.score is None or p.score >= MIN_PASSAGE_SCORE]
+            if found:
+                return found
+        return []
 
     def _answer_from_labels(self, session: _Session, ids: list[int], raw: str, labels: Sequence[str]) -> str:
         """With reasoning first, the labels cannot bound the whole answer: when the answer after the reasoning is

@@ -255,6 +255,14 @@ _ANSWER_AT_LINE = re.compile(
 _REASONING_LABEL = re.compile(r"^[\s>#*_-]*reasoning\s*(?:\*\*|__)?\s*:\s*(?:\*\*|__)?", re.IGNORECASE)
 
 
+def asked(user: str) -> str:
+    """The question of a user turn as `build_user_message` wrote it: without the facts and passages blocks before
+    it and the reasoning instruction after it (a plain question comes back as it is)."""
+    question = user.removesuffix(COT_INSTRUCTION)
+    ends = [question.rfind(end) + len(end) for end in (FACTS_END, PASSAGES_END) if end in question]
+    return question[max(ends, default=0):].strip()
+
+
 def answer_marker(text: str) -> re.Match[str] | None:
     """The ``Answer:`` marker that `split_reasoning` splits at (the last one; one at a line's start preferred)."""
     marks = list(_ANSWER_AT_LINE.finditer(text)) or list(_ANSWER.finditer(text))

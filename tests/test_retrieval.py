@@ -517,3 +517,27 @@ def test_indexing_another_folder_says_it_replaces_the_first(tmp_path: Path, docs
         retriever.search("ibex", k=0)
     report = index_docs(IndexStore.open(StoreLocation(path=index)), str(mine), progress=False)  # a str path
     assert report.skipped == 1 and report.total_records == 1
+
+
+def test_a_follow_up_question_is_searched_with_the_question_before_it(
+        tmp_path: Path, docs: Path, embedder: TextEmbedder, tiny_llm_dir: Path) -> None:
+    location = StoreLocation(path=tmp_path / "index")
+    index_docs(IndexStore.open(location, create=True), docs, embedder=embedder, progress=False)
+    gc = GeoChat.from_config(tiny_config(tiny_llm_dir), max_new_tokens=3)
+    gc.retriever = Retriever(IndexStore.open(location), k=1, text_embedder=embedder)  # the tiny model's window
+    follow_up = "And how is it computed?"
+    assert max(p.score or 0 for p in gc.retriever.search(follow_up)) < 0.35  # alone it finds nothing useful
+    first = gc.chat(None, "What is NDWI?", cot=True)
+    assert first.sources and first.sources[0]["source"].endswith("indices.md")
+    for history in ([first.as_turn()], [("What is NDWI?", first.answer)]):  # a built turn, or a plain pair
+        second = gc.chat(None, follow_up, history=history)
+        assert second.sources and second.sources[0]["source"].endswith("indices.md"), second.sources
+    assert gc.chat(None, follow_up).sources == []  # without the question before it, still nothing
+
+
+def test_asked_is_the_question_of_a_built_turn() -> None:
+    from geochat.prompting import Passage, asked
+
+    passage = Passage(id="S1", source="a.md", heading="h", text="NDWI is (Green - NIR) / (Green + NIR).", score=0.9)
+    built = build_user_message("What is NDWI?", facts={"size": [2, 2]}, passages=[passage], cot=True)
+    assert asked(built) == "What is NDWI?" and asked("What is NDWI?") == "What is NDWI?"
