@@ -253,8 +253,11 @@ def test_rebuild_refuses_a_directory_it_did_not_write(tmp_path: Path) -> None:
     with pytest.raises(GeoChatError, match="refusing to rebuild"):
         wipe_store(StoreLocation(path=tmp_path))
     assert (tmp_path / "notes.txt").exists()
-    with pytest.raises(CorruptIndexError, match="no geochat-index.json"):
-        IndexStore.open(StoreLocation(path=tmp_path))
+    for rebuild in ([], ["--rebuild"]):  # e.g. --index-dir naming a docs folder: no rebuild offered, none begun
+        with pytest.raises(GeoChatError, match=r"is not a geochat index: it holds other files \(notes.txt\); name a new"):
+            IndexStore.open(StoreLocation(path=tmp_path))
+        assert main(["index", "docs", str(tmp_path), "--index-dir", str(tmp_path), "--no-progress", *rebuild]) == 2
+    assert (tmp_path / "notes.txt").exists()
 
 
 def test_first_use_builds_the_index(tmp_path: Path, docs: Path) -> None:

@@ -304,8 +304,17 @@ def _write_manifest(path: Path) -> None:
     tmp.replace(path / MANIFEST)
 
 
+def _foreign(path: Path) -> list[str]:
+    """The names in a store directory that neither chromadb nor geochat writes (sorted)."""
+    return sorted(e.name for e in path.iterdir()
+                  if e.name not in (MANIFEST, f".{MANIFEST}.tmp", WRITE_LOCK) and not _chroma_owned(e))
+
+
 def _check_manifest(path: Path) -> None:
     manifest = path / MANIFEST
+    if not manifest.is_file() and (foreign := _foreign(path)):  # e.g. --index-dir naming the docs folder
+        raise GeoChatError(f"{path} is not a geochat index: it holds other files ({', '.join(foreign[:5])}); "
+                           "name a new or empty folder for --index-dir")
     if not manifest.is_file():
         raise CorruptIndexError(
             f"{path} is not a geochat index or was half-written (no {MANIFEST}); {REBUILD_HINT}"
@@ -327,10 +336,10 @@ def wipe_store(location: StoreLocation) -> None:
         raise GeoChatError("a chroma server's store cannot be wiped from here; drop its collections instead")
     if not path.exists():
         return
-    foreign = [e.name for e in path.iterdir() if e.name not in (MANIFEST, f".{MANIFEST}.tmp", WRITE_LOCK) and not _chroma_owned(e)]
+    foreign = _foreign(path)
     if foreign:
         raise GeoChatError(
-            f"refusing to rebuild {path}: it holds files geochat did not write ({', '.join(sorted(foreign)[:5])}); "
+            f"refusing to rebuild {path}: it holds files geochat did not write ({', '.join(foreign[:5])}); "
             f"choose another --index-dir or remove them"
         )
     # chromadb caches one system per path; drop it so the files are closed before they are deleted.
