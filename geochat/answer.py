@@ -71,6 +71,7 @@ class Answer:
     cut_short: bool = field(default=False, repr=False)  # generation stopped at max_new_tokens, not at its end
 
     def as_turn(self) -> Turn:
+        """This exchange as the model saw it, for `history=[...]` of the next question (its KV cache is reused)."""
         return Turn(user=self.prompt, assistant=self.raw)
 
     def to_json(self) -> dict[str, Any]:

@@ -145,13 +145,16 @@ class GeoChat:
 
     @classmethod
     def from_config(cls, config: AssistantConfig, **kwargs: Any) -> GeoChat:
+        """A new, untrained assistant built from `config` (tests and training start here)."""
         return cls(build_assistant(config), **kwargs)
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """Write this assistant (safetensors weights and its config) where `from_pretrained` reads it back."""
         return save_assistant(self.assistant, Path(directory))
 
     @property
     def model_info(self) -> ModelInfo:
+        """The model's name and parts, as answers report them (a property: `gc.model_info`)."""
         cfg = self.assistant.config
         name = cfg.name if cfg.projector_trained else f"{cfg.name} (projector untrained)"
         return ModelInfo(name=name, vision=cfg.vision["model_type"], llm=cfg.llm)

@@ -156,6 +156,7 @@ class AnswerStream:
         self.answer: Answer | None = None
 
     def cancel(self) -> None:
+        """Stop generating (a client that left): the model is freed for the next question."""
         self._cancelled.set()
 
     def __iter__(self) -> Iterator[str]:

@@ -38,6 +38,9 @@ from geochat.grounding import Box, format_box
 
 
 class Task(str, Enum):
+    """What a turn asks of the model: chat, caption, classify, or GeoChat's grounding tasks (refer, grounding,
+    identify), each with its own prompt; `task=` takes the member or its value ("refer")."""
+
     CHAT = "chat"
     CAPTION = "caption"
     CLASSIFY = "classify"
