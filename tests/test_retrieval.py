@@ -544,3 +544,16 @@ def test_asked_is_the_question_of_a_built_turn() -> None:
     passage = Passage(id="S1", source="a.md", heading="h", text="NDWI is (Green - NIR) / (Green + NIR).", score=0.9)
     built = build_user_message("What is NDWI?", facts={"size": [2, 2]}, passages=[passage], cot=True)
     assert asked(built) == "What is NDWI?" and asked("What is NDWI?") == "What is NDWI?"
+
+
+def test_markdown_in_any_case_is_read_and_other_files_are_named(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    docs = write_docs(tmp_path / "docs", {"NOTES.MD": "# Ibex\n\nThe ibex product.\n",
+                                          "guide.markdown": "# Okapi\n\nThe okapi site.\n",
+                                          "a.txt": "plain", "b.txt": "plain", "c.pdf": "%PDF"})
+    assert main(["index", "docs", str(docs), "--index-dir", str(tmp_path / "index"), "--no-progress", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["files"] == 2
+    assert "left out 3 files that are not Markdown (.md): 2 .txt, 1 .pdf" in err
+    assert main(["search", "   ", "--index-dir", str(tmp_path / "index")]) == 2  # blank is no text, as "" is
+    assert "pass text to search for" in capsys.readouterr().err

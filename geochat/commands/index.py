@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
     kinds = p.add_subparsers(dest="kind", required=True, metavar="WHAT")
 
     docs = kinds.add_parser("docs", help="index Markdown documentation (default: the shipped knowledge/)")
-    docs.add_argument("directory", nargs="?", type=Path, default=None, help="directory of .md files")
+    docs.add_argument("directory", nargs="?", type=Path, default=None, help="directory of Markdown files (.md, .markdown, any case; other files are counted and left out)")
     docs.set_defaults(func=run_docs)
 
     images = kinds.add_parser("images", help="index the PNG/JPEG/GeoTIFF files under a directory")
@@ -65,7 +65,7 @@ def _print(report: Any, args: argparse.Namespace, store: Any, what: str) -> int:
 
 def run_docs(args: argparse.Namespace) -> int:
     from geochat.retrieval import BUNDLED_KNOWLEDGE, index_docs
-    from geochat.retrieval.docs import docs_root_of, find_docs
+    from geochat.retrieval.docs import docs_root_of, find_docs, other_files
     from geochat.retrieval.store import DOCS
 
     root = (args.directory or BUNDLED_KNOWLEDGE).resolve()
@@ -78,6 +78,9 @@ def run_docs(args: argparse.Namespace) -> int:
               f"replaced by those of {root} (index it with --index-dir DIR to keep both, and pass the same "
               "--index-dir to ask and search)", file=sys.stderr)
     report = index_docs(store, root, rebuild=args.rebuild, progress=not args.no_progress)
+    if skipped := other_files(root):  # only Markdown is read: say what was not, rather than nothing
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+        print(f"geochat: left out {sum(skipped.values())} files that are not Markdown (.md): {kinds}", file=sys.stderr)
     return _print(report, args, store, "documents")
 
 

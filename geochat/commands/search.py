@@ -28,6 +28,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.text is not None and not args.text.strip():
+        args.text = None  # blank text is no text: refused below like an empty one, not searched for nothing
     if not args.text and args.image is None:
         raise GeoChatError('pass text to search for, --image PATH, or both: geochat search "NDVI formula"')
     if args.k < 1:
