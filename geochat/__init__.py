@@ -12,9 +12,14 @@ stay light (no torch) for tools that only need them.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft) warns on every CPU with AVX512-BF16 that an optional 4-bit kernel package is
+# missing; geochat needs it for nothing, and to a user of the Python API it reads as a broken install.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
 
 _EXPORTS = {
     "Answer": "geochat.answer",

@@ -178,3 +178,11 @@ def test_hf_vision_tower_and_llava_checkpoint_path(tiny_llm_dir: Path, tmp_path:
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(a.model(input_ids=ids, pixel_values=pixels).logits, b.model(input_ids=ids, pixel_values=pixels).logits)
+
+
+def test_importing_geochat_with_peft_prints_no_missing_kernel_warning() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import geochat, peft"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "kernels-community" not in proc.stderr, proc.stderr  # a Python API user's stderr
