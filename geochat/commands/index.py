@@ -80,7 +80,9 @@ def run_docs(args: argparse.Namespace) -> int:
     report = index_docs(store, root, rebuild=args.rebuild, progress=not args.no_progress)
     if skipped := other_files(root):  # only Markdown is read: say what was not, rather than nothing
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
-        print(f"geochat: left out {sum(skipped.values())} files that are not Markdown (.md): {kinds}", file=sys.stderr)
+        n = sum(skipped.values())
+        print(f"geochat: left out {n} file{'s' if n != 1 else ''} that {'are' if n != 1 else 'is'} not Markdown (.md): "
+              f"{kinds}", file=sys.stderr)
     return _print(report, args, store, "documents")
 
 
