@@ -55,7 +55,7 @@ from geochat.imagery import LoadedImage, load_image
 from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
 from geochat.model.config import AssistantConfig, offline_default_config
 from geochat.model.processor import to_pixel_values
-from geochat.model.weights import TRAINED_DEFAULT_DIR
+from geochat.model.weights import TRAINED_DEFAULT_DIR, store_as_float16
 from geochat.prompting import (
     NEEDS_IMAGE,
     TASK_TOKENS,
@@ -148,9 +148,16 @@ class GeoChat:
         """A new, untrained assistant built from `config` (tests and training start here)."""
         return cls(build_assistant(config), **kwargs)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write this assistant (safetensors weights and its config) where `from_pretrained` reads it back."""
-        return save_assistant(self.assistant, Path(directory))
+    def save_pretrained(self, directory: str | Path, dtype: str = "float32") -> Path:
+        """Write this assistant (safetensors weights and its config) where `from_pretrained` reads it back;
+        `dtype="float16"` halves the files, as the shipped model's are (they load as float32 again)."""
+        if dtype not in ("float32", "float16"):
+            raise GeoChatError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        out = save_assistant(self.assistant, Path(directory))
+        if dtype == "float16":
+            for path in sorted(out.rglob("*.safetensors")):
+                store_as_float16(path)
+        return out
 
     @property
     def model_info(self) -> ModelInfo:

@@ -227,6 +227,24 @@ def test_save_and_reload_gives_identical_answers(gc: GeoChat, tmp_path: Path) ->
     assert reloaded.chat(image, "describe it").raw == gc.chat(image, "describe it").raw
 
 
+def test_save_as_float16_halves_the_files_and_reloads(gc: GeoChat, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    def size(directory: Path) -> int:
+        return sum(p.stat().st_size for p in directory.rglob("*.safetensors"))
+
+    gc.save_pretrained(tmp_path / "f32")
+    gc.save_pretrained(tmp_path / "f16", dtype="float16")
+    assert size(tmp_path / "f16") < 0.55 * size(tmp_path / "f32")
+    for path in (tmp_path / "f16").rglob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            assert all(f.get_tensor(k).dtype != torch.float32 for k in f.keys())  # noqa: SIM118
+    reloaded = GeoChat.from_pretrained(tmp_path / "f16", max_new_tokens=4)
+    assert isinstance(reloaded.chat(_image(), "describe it").answer, str)
+    with pytest.raises(GeoChatError, match="dtype must be 'float32' or 'float16'"):
+        gc.save_pretrained(tmp_path / "x", dtype="bfloat16")
+
+
 def test_answer_json_contract(gc: GeoChat, geotiffs: dict[str, Path]) -> None:
     data = gc.chat(geotiffs["rect_600x300_utm.tif"], "what is this?").to_json()
     assert set(data) == {"answer", "reasoning", "task", "boxes", "geojson", "facts", "sources", "model", "timings"}

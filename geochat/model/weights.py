@@ -93,3 +93,18 @@ def efficientnet_lite0_safetensors() -> Path:
     with atomic_dir(final_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"))
     return final
+
+
+def store_as_float16(path: Path) -> None:
+    """Rewrite a safetensors file with its float32 tensors as float16 (half the size; loaders upcast)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)

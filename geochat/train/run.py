@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from geochat.errors import GeoChatError
-from geochat.model.weights import TRAINED_DEFAULT_DIR
+from geochat.model.weights import TRAINED_DEFAULT_DIR, store_as_float16
 from geochat.train.dual_encoder import QUERY_BANK, RETRIEVAL_DIR
 from geochat.train.recipe import Recipe
 
@@ -126,21 +126,6 @@ def _assemble(recipe: Recipe, final: Path, previous: Path | None, retrieval: Pat
     if recipe.run.save_dtype == "float16":
         for path in sorted(final.rglob("*.safetensors")):
             store_as_float16(path)
-
-
-def store_as_float16(path: Path) -> None:
-    """Rewrite a safetensors file with its float32 tensors as float16 (half the size; loaders upcast)."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
 
 
 def _jsonable(recipe: Recipe) -> dict[str, Any]:
