@@ -67,9 +67,14 @@ class HeldAnswer:
         self._send(self.text[: marker.start()] if marker is not None else self.text[: self.text.rfind("\n") + 1])
 
     def finish(self, final: str) -> None:
-        """Send the rest of `final`, the whole generated text, where it extends what was sent."""
+        """Send the rest of `final`, the whole generated text. Where it does not extend what was sent (a loop's
+        repeats trimmed from the reasoning, whitespace stripped), its answer part is sent on a line of its own."""
         if final.startswith(self.sent):
             self._send(final)
+            return
+        marker = answer_marker(final)
+        if marker is not None and self.on_text is not None:
+            self.on_text(("" if not self.sent or self.sent.endswith("\n") else "\n") + final[marker.start():].lstrip())
 
     def _send(self, upto: str) -> None:
         if len(upto) > len(self.sent) and upto.startswith(self.sent) and self.on_text is not None:

@@ -447,6 +447,11 @@ def test_held_answer_sends_reasoning_by_lines_and_the_answer_once_final() -> Non
     for piece in ("It is green, so the answer: far", "mland"):  # a marker inside a line
         held(piece)
     assert "".join(got) == "It is green, so the"
+    got.clear()
+    held = HeldAnswer(got.append)
+    held("Trees.\nTrees.\nTrees.\n")  # a loop the final text has its repeats trimmed from
+    held.finish("Trees.\nAnswer: forest")
+    assert "".join(got) == "Trees.\nTrees.\nTrees.\nAnswer: forest"  # the answer still arrives
 
 
 def test_an_image_without_a_valid_pixel_is_refused_not_described(gc: GeoChat, tmp_path: Path) -> None:

@@ -304,3 +304,20 @@ def test_a_box_over_a_pole_reaches_it(tmp_path: Path) -> None:
     assert max(y for _, y in points) == 90.0 and min(y for _, y in points) > 88.6  # the corners, 141 km out
     assert all(-180 <= x <= 180 for x, _ in points)
     assert sum(_ring_area(ring) for (ring,) in polygons) > 300  # lon × lat degrees: the whole cap, not a sliver
+
+
+def test_every_ring_closes_exactly_on_fractional_boxes() -> None:
+    from geochat.imagery.geo import lonlat_bounds
+
+    rng = np.random.RandomState(0)
+    for transform in ((0.1, 0.0, 10.0, 0.0, -0.1, 50.0), (1.0, 0.0, -180.0, 0.0, -1.0, 90.0)):
+        info = RasterInfo(None, 360, 180, 1, "uint8", "EPSG:4326", transform, None, (None,), ("gray",), None,
+                          lonlat_bounds("EPSG:4326", transform, 360, 180))
+        boxes = []
+        for x1, y1, w, h in rng.rand(200, 4) * (300, 150, 60, 30):
+            boxes.append([(x1, y1), (x1 + w, y1), (x1 + w, y1 + h), (x1, y1 + h)])
+        gj = polygons_to_geojson(boxes, info, [{}] * len(boxes)) or {}
+        for feature in gj["features"]:
+            geometry = feature["geometry"]
+            for (ring,) in geometry["coordinates"] if geometry["type"] == "MultiPolygon" else [geometry["coordinates"]]:
+                assert ring[0] == ring[-1]  # RFC 7946: the same position, not one a rounding away

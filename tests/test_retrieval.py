@@ -557,3 +557,28 @@ def test_markdown_in_any_case_is_read_and_other_files_are_named(tmp_path: Path,
     assert "left out 3 files that are not Markdown (.md): 2 .txt, 1 .pdf" in err
     assert main(["search", "   ", "--index-dir", str(tmp_path / "index")]) == 2  # blank is no text, as "" is
     assert "pass text to search for" in capsys.readouterr().err
+
+
+def test_index_docs_waits_for_another_run_instead_of_failing(tmp_path: Path, docs: Path, embedder: TextEmbedder) -> None:
+    import threading
+    import time
+
+    location = StoreLocation(path=tmp_path / "index")
+    writer = IndexStore.open(location, create=True)
+    index_docs(writer, docs, embedder=embedder, progress=False)
+    started, finished = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with writer.writing():
+            col = writer.writable_collection(DOCS, embedder.name, embedder.dim)  # half-written from here on
+            started.set()
+            time.sleep(1.5)
+            writer.finish(col)
+            finished.set()
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    assert started.wait(30)
+    assert main(["index", "docs", str(docs), "--index-dir", str(location.path), "--no-progress"]) == 0
+    assert finished.is_set()
+    thread.join()

@@ -66,12 +66,16 @@ def _print(report: Any, args: argparse.Namespace, store: Any, what: str) -> int:
 def run_docs(args: argparse.Namespace) -> int:
     from geochat.retrieval import BUNDLED_KNOWLEDGE, index_docs
     from geochat.retrieval.docs import docs_root_of, find_docs, other_files
-    from geochat.retrieval.store import DOCS
+    from geochat.retrieval.store import DOCS, CorruptIndexError
 
     root = (args.directory or BUNDLED_KNOWLEDGE).resolve()
     find_docs(root)  # a missing folder fails before a store is created for it
     store = _open_for_writing(args)
-    before = None if args.rebuild else store.collection(DOCS)
+    store.wait_for_writer()  # another run indexing here finishes first (its collection is unfinished until then)
+    try:
+        before = None if args.rebuild else store.collection(DOCS)
+    except CorruptIndexError:  # half-written: index_docs says so
+        before = None
     if before is not None and docs_root_of(before) not in (None, str(root)) and before.count():
         # one index mirrors one folder: say so before a user's folder takes the place of knowledge/
         print(f"geochat: {store.location} held the {before.count()} passages of {docs_root_of(before)}; they are "

@@ -226,7 +226,8 @@ def _densify(ring: Sequence[Point], pieces: int = EDGE_PIECES) -> list[Point]:
     other for `_unwrap` to follow a box wider than 180° of longitude, and its edges follow a curved projection."""
     out = [ring[0]]
     for (x0, y0), (x1, y1) in zip(ring, ring[1:], strict=False):
-        out += [(x0 + (x1 - x0) * i / pieces, y0 + (y1 - y0) * i / pieces) for i in range(1, pieces + 1)]
+        out += [(x0 + (x1 - x0) * i / pieces, y0 + (y1 - y0) * i / pieces) for i in range(1, pieces)]
+        out.append((x1, y1))  # the corner itself: x0 + (x1 - x0) · 1 may miss it by a rounding, and unclose the ring
     return out
 
 

@@ -176,9 +176,16 @@ class Trainer:
                 unit.reshard()
 
     def save_checkpoint(self) -> None:
+        """Write the checkpoint (the main process writes, every process takes part in gathering FSDP state); every
+        process returns once it is whole on disk, so none can act on a step whose checkpoint is still being written
+        (a process killed just after would otherwise resume, with the others, from an older one)."""
         weights, optimizer = self._checkpoint_state()
-        if not self.is_main:
-            return
+        if self.is_main:
+            self._write_checkpoint(weights, optimizer)
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+
+    def _write_checkpoint(self, weights: dict[str, torch.Tensor], optimizer: Any) -> None:
         final = self.directory / CHECKPOINT
         tmp = self.directory / f".{CHECKPOINT}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
