@@ -4,6 +4,10 @@ broken stores, the search/ask CLI contracts and prompt-injection safety. No mock
 from __future__ import annotations
 
 import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -392,13 +396,10 @@ def test_indexing_runs_take_turns_and_readers_are_told_so(tmp_path: Path, docs: 
     assert not reader.being_written() and reader.collection(DOCS) is not None
 
 
-def test_starting_up_while_another_run_indexes_waits_for_it(tmp_path: Path, docs: Path, embedder: TextEmbedder) -> None:
-    """A second app (or `geochat ask`) started during another run's indexing waits and then answers with the
-    finished index, instead of exiting on the half-written collection."""
-    import threading
-    import time
-
-    location = StoreLocation(path=tmp_path / "index")
+@contextmanager
+def another_run_indexing(location: StoreLocation, docs: Path, embedder: TextEmbedder) -> Iterator[threading.Event]:
+    """An index of `docs` at `location`, and another run holding it half-written for 1.5 s (in a thread) while the
+    body runs; yields the event set when that run has finished."""
     writer = IndexStore.open(location, create=True)
     index_docs(writer, docs, embedder=embedder, progress=False)
     started, finished = threading.Event(), threading.Event()
@@ -414,9 +415,19 @@ def test_starting_up_while_another_run_indexes_waits_for_it(tmp_path: Path, docs
     thread = threading.Thread(target=other_run)
     thread.start()
     assert started.wait(30)
-    retriever, report = ensure_retriever(location, docs_root=docs, progress=False)
-    assert finished.is_set(), "it waited for the other run"
-    thread.join()
+    try:
+        yield finished
+    finally:
+        thread.join()
+
+
+def test_starting_up_while_another_run_indexes_waits_for_it(tmp_path: Path, docs: Path, embedder: TextEmbedder) -> None:
+    """A second app (or `geochat ask`) started during another run's indexing waits and then answers with the
+    finished index, instead of exiting on the half-written collection."""
+    location = StoreLocation(path=tmp_path / "index")
+    with another_run_indexing(location, docs, embedder) as finished:
+        retriever, report = ensure_retriever(location, docs_root=docs, progress=False)
+        assert finished.is_set(), "it waited for the other run"
     assert retriever is not None and retriever.search("revisit time", k=1)
 
 
@@ -560,25 +571,7 @@ def test_markdown_in_any_case_is_read_and_other_files_are_named(tmp_path: Path,
 
 
 def test_index_docs_waits_for_another_run_instead_of_failing(tmp_path: Path, docs: Path, embedder: TextEmbedder) -> None:
-    import threading
-    import time
-
     location = StoreLocation(path=tmp_path / "index")
-    writer = IndexStore.open(location, create=True)
-    index_docs(writer, docs, embedder=embedder, progress=False)
-    started, finished = threading.Event(), threading.Event()
-
-    def other_run() -> None:
-        with writer.writing():
-            col = writer.writable_collection(DOCS, embedder.name, embedder.dim)  # half-written from here on
-            started.set()
-            time.sleep(1.5)
-            writer.finish(col)
-            finished.set()
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    assert started.wait(30)
-    assert main(["index", "docs", str(docs), "--index-dir", str(location.path), "--no-progress"]) == 0
-    assert finished.is_set()
-    thread.join()
+    with another_run_indexing(location, docs, embedder) as finished:
+        assert main(["index", "docs", str(docs), "--index-dir", str(location.path), "--no-progress"]) == 0
+        assert finished.is_set(), "it waited for the other run"
