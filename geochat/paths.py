@@ -38,3 +38,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def utf8_name(path: str | Path) -> bool:
+    """Whether a file name is valid UTF-8, as GDAL and chromadb need (a name from another encoding reaches Python
+    with lone surrogates in it)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

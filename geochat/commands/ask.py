@@ -91,10 +91,11 @@ def _drawing_path(out: Path | None, image_path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.overlap is not None and args.tile is None:
         raise GeoChatError("--overlap applies to tiles: pass --tile as well")
-    if args.tile is not None:
-        from geochat.tiling import DEFAULT_OVERLAP, check_tiling
+    from geochat.tiling import DEFAULT_OVERLAP, check_tiling
 
-        check_tiling(args.tile, DEFAULT_OVERLAP if args.overlap is None else args.overlap)  # before the model loads
+    overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    if args.tile is not None:
+        check_tiling(args.tile, overlap)  # before the model loads
     if args.no_image:
         if len(args.inputs) != 1:
             raise GeoChatError("with --no-image pass only the question")
@@ -115,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
     from geochat.engine import GeoChat
     from geochat.imagery import load_image
     from geochat.imagery.raster import DEFAULT_MAX_PIXELS, TILED_MAX_PIXELS
-    from geochat.tiling import DEFAULT_OVERLAP
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()] if args.labels is not None else None
     if labels == []:
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if image_path is None or args.region:
             raise GeoChatError("--tile needs an image and does not take --region")
         answer = gc.chat_tiled(image_path, question, overview=loaded, task=args.task or "grounding", tile=args.tile,
-                               overlap=DEFAULT_OVERLAP if args.overlap is None else args.overlap, bands=args.bands,
+                               overlap=overlap, bands=args.bands,
                                sensor=args.sensor, cot=args.cot, labels=labels, progress=True)
     else:
         answer = gc.chat(loaded, question, task=args.task, cot=args.cot, region=args.region, labels=labels)

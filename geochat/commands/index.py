@@ -76,9 +76,10 @@ def run_docs(args: argparse.Namespace) -> int:
         before = None if args.rebuild else store.collection(DOCS)
     except CorruptIndexError:  # half-written: index_docs says so
         before = None
-    if before is not None and docs_root_of(before) not in (None, str(root)) and before.count():
+    held, count = docs_root_of(before), before.count() if before is not None else 0
+    if held not in (None, str(root)) and count:
         # one index mirrors one folder: say so before a user's folder takes the place of knowledge/
-        print(f"geochat: {store.location} held the {before.count()} passages of {docs_root_of(before)}; they are "
+        print(f"geochat: {store.location} held the {count} passages of {held}; they are "
               f"replaced by those of {root} (index it with --index-dir DIR to keep both, and pass the same "
               "--index-dir to ask and search)", file=sys.stderr)
     report = index_docs(store, root, rebuild=args.rebuild, progress=not args.no_progress)

@@ -34,6 +34,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader, MemoryFile
 
 from geochat.errors import ImageryError
+from geochat.paths import utf8_name
 
 ImageSource = Union[str, "os.PathLike[str]", bytes, Image.Image, np.ndarray]
 
@@ -177,11 +178,9 @@ def open_source(source: ImageSource) -> Iterator[tuple[DatasetReader, str | None
                 raise ImageryError(f"file not found: {path}; check the path (relative paths start at {Path.cwd()})")
             if p.is_dir():
                 raise ImageryError(f"{path} is a directory; pass an image file (GeoTIFF/COG, PNG, JPEG)")
-        try:
-            path.encode("utf-8")
-        except UnicodeEncodeError:
+        if not utf8_name(path):
             raise ImageryError(f"{os.fsencode(path)!r}: the file name is not valid UTF-8, which GDAL needs; rename "
-                               "the file") from None
+                               "the file")
         with _checked_open(lambda: rasterio.open(path), path) as ds:
             if not _is_remote(path):
                 _refuse_cut_png(ds, lambda: open(path, "rb"), os.path.getsize(path), path)

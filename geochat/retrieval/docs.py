@@ -24,7 +24,8 @@ import json
 import re
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,8 +177,7 @@ def _empty_files(col: Any) -> dict[str, str]:
 def find_docs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise GeoChatError(f"documentation directory not found: {root}")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in MARKDOWN_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(p for p in _visible_files(root) if p.suffix.lower() in MARKDOWN_SUFFIXES)
 
 
 MARKDOWN_SUFFIXES = (".md", ".markdown")  # any case: NOTES.MD too
@@ -185,13 +185,13 @@ MARKDOWN_SUFFIXES = (".md", ".markdown")  # any case: NOTES.MD too
 
 def other_files(root: Path) -> dict[str, int]:
     """Files under `root` that `find_docs` leaves out (not Markdown, not hidden), counted by suffix."""
-    counts: dict[str, int] = {}
-    for p in root.rglob("*"):
-        if p.is_file() and p.suffix.lower() not in MARKDOWN_SUFFIXES and not any(
-                part.startswith(".") for part in p.relative_to(root).parts):
-            kind = p.suffix.lower() or "(no suffix)"
-            counts[kind] = counts.get(kind, 0) + 1
-    return counts
+    return dict(Counter(p.suffix.lower() or "(no suffix)" for p in _visible_files(root)
+                        if p.suffix.lower() not in MARKDOWN_SUFFIXES))
+
+
+def _visible_files(root: Path) -> Iterator[Path]:
+    """The files under `root`, none in or under a hidden (dot) folder or hidden itself."""
+    return (p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 @dataclass

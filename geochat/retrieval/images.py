@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from geochat.errors import GeoChatError, ImageryError
 from geochat.jsonl import iter_jsonl
+from geochat.paths import utf8_name
 from geochat.retrieval.docs import IndexReport
 from geochat.retrieval.embedders import (
     WEIGHTS_KEY,
@@ -138,14 +139,6 @@ def _read_item(path: Path, digest: str, captions: list[str], label: str, max_siz
     return _Item(path, _record_id(path), loaded.rgb, meta, captions)
 
 
-def _utf8_name(path: Path) -> bool:
-    try:
-        str(path).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _record_id(path: Path) -> str:
     return hashlib.sha1(str(_abs(path)).encode()).hexdigest()
 
@@ -177,7 +170,7 @@ def _index_images(store: IndexStore, root: Path, embedder: ImageEmbedder | None,
     paths: list[Path] = []
     unnamed: list[Path] = []
     for path in find_images(root):  # GDAL and chromadb take UTF-8 names: others are listed as unreadable
-        (paths if _utf8_name(path) else unnamed).append(path)
+        (paths if utf8_name(path) else unnamed).append(path)
     # What can refuse the run does so before anything is dropped or marked as being written: a refused run
     # leaves the archive searchable.
     embedder = embedder or image_embedder_from_name("auto")
