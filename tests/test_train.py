@@ -753,3 +753,65 @@ def test_a_start_that_failed_before_training_can_be_run_again(tmp_path: Path, da
     assert (run_recipe(load_recipe(path), progress=False, use_accelerate=False) / "vision").is_dir()
     with pytest.raises(GeoChatError, match="is not empty: pass --resume"):  # a run that trained is kept
         run_recipe(load_recipe(path), progress=False, use_accelerate=False)
+
+
+def test_text_head_starts_as_the_identity_and_round_trips(tmp_path: Path) -> None:
+    from geochat.train.dual_encoder import TextHead
+
+    head = TextHead(8)
+    text = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1).numpy()
+    assert np.allclose(head.transform(text), text, atol=1e-6)  # untrained: MiniLM's space as it is
+    torch.nn.init.normal_(head.proj.weight, std=0.3)
+    moved = head.transform(text)
+    assert not np.allclose(moved, text, atol=1e-3)
+    assert np.allclose(np.linalg.norm(moved, axis=1), 1.0, atol=1e-5)
+
+
+def test_retrieval_stage_with_a_text_head_searches_and_labels_through_it(tmp_path: Path, data: Path,
+                                                                         tiny_llm_dir: Path) -> None:
+    from geochat.errors import ModelLoadError
+    from geochat.eval.tasks import load_dual
+    from geochat.retrieval.embedders import TowerEmbedder
+    from geochat.train.dual_encoder import TEXT_HEAD, DualEncoder, QueryBank, load_text_head
+    from geochat.train.query_bank import write_query_bank
+
+    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
+    retrieval = {**_align(data, steps=3)["align"], "rotations": 1, "query_bank": True, "text_head": True,
+                 "vision": {"trainable_stem_blocks": 1}}
+    retrieval["optim"] = {**retrieval["optim"], "lr": 0.05}
+    path = _recipe(tmp_path, data, tiny_llm_dir, {"retrieval": retrieval})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["vision"] = vision
+    path.write_text(yaml.safe_dump(recipe))
+    final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
+
+    assert (final / "retrieval" / TEXT_HEAD).is_file()  # the assembled assistant carries it beside its tower
+    dual = load_dual(str(final))
+    assert dual.text_head is not None
+    plain = DualEncoder(dual.tower, dual.text)  # MiniLM's space as it is
+    texts, labels = ["an airport", "a dense forest"], ["airport", "forest"]
+    searched = dual.embed_texts(texts)
+    assert not np.allclose(searched, plain.embed_texts(texts), atol=1e-3)  # the trained head moved them
+    assert np.allclose(searched, dual.text_head.transform(plain.embed_texts(texts)), atol=1e-6)
+    assert np.allclose(dual.embed_labels(labels), dual.text_head.transform(plain.embed_labels(labels)), atol=1e-6)
+    # the image index's text queries take the same path: head, then the bank
+    assert np.allclose(TowerEmbedder(final / "retrieval").embed_text("an airport"),
+                       dual.embed_queries(["an airport"])[0], atol=1e-4)
+    # the bank's keys live in the head's space: rewriting the bank from the saved tower gives the same keys
+    written = dual.bank
+    assert written is not None
+    write_query_bank(path, final / "retrieval", progress=False)
+    again = QueryBank.load(final / "retrieval" / "query_bank.safetensors")
+    torch.testing.assert_close(again.keys, written.keys)
+    # a head beside another tower is refused: its texts would not match that tower's images
+    other = tmp_path / "retrained"
+    shutil.copytree(final / "retrieval", other)
+    weights = load_file(str(other / "vision" / "model.safetensors"))
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 0.01
+    save_file(weights, str(other / "vision" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="trained with another tower"):
+        load_text_head(other)
+    (other / TEXT_HEAD).write_bytes(b"not safetensors")
+    with pytest.raises(ModelLoadError, match="is not a text head"):
+        load_text_head(other)

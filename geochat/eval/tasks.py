@@ -231,6 +231,7 @@ def load_dual(model: str | None) -> Any:
         DualEncoder,
         TextEncoder,
         load_query_bank,
+        load_text_head,
         load_tower,
         search_tower_dir,
         tower_weights,
@@ -252,4 +253,4 @@ def load_dual(model: str | None) -> Any:
     if (directory / CONFIG_FILE).is_file():
         cfg = AssistantConfig.load(directory)
         mean, std = cfg.image_mean, cfg.image_std
-    return DualEncoder(tower, TextEncoder(), mean, std, bank=load_query_bank(search))
+    return DualEncoder(tower, TextEncoder(), mean, std, bank=load_query_bank(search), text_head=load_text_head(search))

@@ -29,7 +29,7 @@ from geochat.retrieval.store import MixedEmbedderError
 from geochat.retrieval.text import TextEmbedder
 
 if TYPE_CHECKING:  # torch is imported lazily: the docs-only paths never load it
-    from geochat.train.dual_encoder import QueryBank
+    from geochat.train.dual_encoder import QueryBank, TextHead
 
 EMBED_SIZE = 224
 STEM_EMBEDDER = "efficientnet-lite0-stem-mean"
@@ -140,8 +140,16 @@ class TowerEmbedder:
 
         return tower_embedding(self.tower, _pixels(rgbs, self.tower.config.image_size))  # (B, 384), unit
 
+    @cached_property
+    def text_head(self) -> TextHead | None:
+        from geochat.train.dual_encoder import load_text_head
+
+        return load_text_head(self.directory)
+
     def embed_text(self, text: str) -> np.ndarray:
         query = self._text.embed_query(text)
+        if self.text_head is not None:
+            query = self.text_head.transform(query[None])[0]
         return query if self.bank is None else self.bank.expand(query[None])[0]
 
     @property

@@ -46,10 +46,12 @@ from geochat.paths import cache_root
 from geochat.train.dual_encoder import (
     QueryBank,
     TextEncoder,
+    TextHead,
     label_embeddings,
     mean_of_views,
     quarter_turns,
     save_query_bank,
+    save_text_head,
     save_tower,
     tower_weights,
 )
@@ -74,12 +76,17 @@ class LogitScale(nn.Module):
 
 
 class AlignModel(nn.Module):
-    """The trainable side: tower (stem frozen) + CLIP's learnable temperature."""
+    """The trainable side: tower (stem frozen) + CLIP's learnable temperature (+ the text side's `TextHead`)."""
 
-    def __init__(self, tower: GeoHybridVisionModel, temperature: float) -> None:
+    def __init__(self, tower: GeoHybridVisionModel, temperature: float, text_head: TextHead | None = None) -> None:
         super().__init__()
         self.tower = tower
         self.logit_scale = LogitScale(temperature)
+        self.text_head = text_head
+
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        """MiniLM's unit vectors (T, D) → the search space's (through the text head, if any)."""
+        return self.text_head(text) if self.text_head is not None else text
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """Unit vectors (B, D) of pixel values (B, 3, S, S) or cached stem features (B, N, C)."""
@@ -92,6 +99,7 @@ class AlignModel(nn.Module):
         """The loss of a batch (a forward, so that data-parallel wrappers see the call). `text` (T, D) holds
         one caption an image (`owner` None: text i is image i's) or several (`owner[t]`: text t's image)."""
         z = self.embed(inputs)
+        text = self.embed_text(text)
         scale = self.logit_scale()
         logits = scale * z @ text.T  # (B, T)
         if owner is None:
@@ -102,7 +110,7 @@ class AlignModel(nn.Module):
             image_to_text = (logits.logsumexp(1) - logits.masked_fill(~mine, -torch.inf).logsumexp(1)).mean()
             loss = (image_to_text + F.cross_entropy(logits.T, owner)) / 2
         if label_weight and labels is not None and label_emb is not None:
-            loss = loss + label_weight * F.cross_entropy(scale * z @ label_emb.T, labels, ignore_index=-1)
+            loss = loss + label_weight * F.cross_entropy(scale * z @ self.embed_text(label_emb).T, labels, ignore_index=-1)
         return loss
 
 
@@ -278,7 +286,10 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         # a trained parameter that is never used is an error)
         tower.stem.requires_grad_(False)
 
-    model = AlignModel(tower, cfg.temperature)
+    def new_head() -> TextHead | None:
+        return TextHead(tower.config.projection_dim) if isinstance(cfg, RetrievalConfig) and cfg.text_head else None
+
+    model = AlignModel(tower, cfg.temperature, new_head())
     trainer = Trainer(stage, model, cfg.optim, recipe.run, directory, accelerator,
                       lr_scales={"tower.stem.": cfg.stem_lr_scale})
     if resume:
@@ -323,7 +334,7 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
     if trainer.is_main:
         if gathered is not None:  # FSDP sharded the tower in place: a fresh copy takes the trained weights
             tower = build_tower(recipe, overrides, start, stem_state)
-            model = AlignModel(tower, cfg.temperature)
+            model = AlignModel(tower, cfg.temperature, new_head())
             model.load_state_dict(gathered)
             model.to(device)
         bank = None
@@ -331,6 +342,8 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
             model.eval()
             bank = build_query_bank(model, data, device, mean, std)
         save_tower(tower.cpu(), directory)
+        if model.text_head is not None:
+            save_text_head(model.text_head.cpu(), directory)
         if bank is not None:
             save_query_bank(bank, directory)
         trainer.plot()
@@ -359,9 +372,11 @@ def embed_image_set(model: AlignModel, images: ImageSet, device: torch.device, m
 
 
 def build_query_bank(model: AlignModel, data: AlignData, device: torch.device, mean: tuple, std: tuple) -> QueryBank:
-    """The `QueryBank` of a trained tower: its training images' embeddings, keyed by their caption centroids."""
-    keys = F.normalize(torch.stack([torch.from_numpy(np.asarray(data.text[a:b], dtype=np.float32)).mean(0)
-                                    for a, b in data.spans]), dim=-1)
+    """The `QueryBank` of a trained tower: its training images' embeddings, keyed by their caption centroids
+    (in the search space: through the model's text head, if any)."""
+    with torch.no_grad():
+        text = model.embed_text(torch.from_numpy(np.asarray(data.text, dtype=np.float32)).to(device)).float().cpu()
+    keys = F.normalize(torch.stack([text[a:b].mean(0) for a, b in data.spans]), dim=-1)
     return QueryBank(keys, torch.from_numpy(embed_image_set(model, data.train, device, mean, std)))
 
 
@@ -370,12 +385,16 @@ def _val_fn(model: AlignModel, data: AlignData, device: torch.device, mean: tupl
     assert data.val is not None and data.val_captions is not None
     val, captions = data.val, data.val_captions
 
+    def search_space(text: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model.embed_text(torch.from_numpy(text).to(device)).float().cpu().numpy()
+
     def eval_fn() -> dict[str, float]:
         z = embed_image_set(model, val, device, mean, std)
-        recalls = retrieval_recalls(z, captions, data.val_caption_image)
+        recalls = retrieval_recalls(z, search_space(captions), data.val_caption_image)
         out = {k: v for k, v in recalls.items() if k in ("t2i_R@1", "t2i_R@10")}
         if data.val_label_emb is not None:
-            pred = (z @ data.val_label_emb.T).argmax(1)
+            pred = (z @ search_space(data.val_label_emb).T).argmax(1)
             names = data.val_label_names
             out["zero_shot_acc"] = float(np.mean([names[p] == label for p, label in zip(pred, data.val_labels, strict=True)]))
         return out

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from torch.nn import functional as F
 
 from geochat.errors import ModelLoadError
@@ -143,6 +144,60 @@ def load_tower(directory: Path) -> GeoHybridVisionModel:
     if missing or result.unexpected_keys:
         raise ModelLoadError(f"vision weights in {vision} do not fit: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     return tower.eval()
+
+
+TEXT_HEAD = "text_head.safetensors"  # beside a tower's vision/: `TextHead`, when its stage trained one
+
+
+class TextHead(nn.Module):
+    """The search space's own text side: t → normalise(t + W·t + b) on MiniLM's unit vectors. W and b start
+    at zero (an untrained head is the identity) and train with the tower (`text_head: true`), so captions
+    and label prompts can move toward what the image side can see. MiniLM itself stays frozen and shared
+    with documentation retrieval, which never goes through the head."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(text + self.proj(text.to(self.proj.weight.dtype)), dim=-1)
+
+    @torch.no_grad()
+    def transform(self, text: np.ndarray) -> np.ndarray:
+        """(n, D) unit vectors → (n, D) unit vectors in the search space."""
+        return self(torch.tensor(np.asarray(text), dtype=torch.float32)).numpy()
+
+
+def save_text_head(head: TextHead, directory: Path) -> Path:
+    """Write `head` beside the tower saved in `directory`, stamped with that tower's fingerprint."""
+    path = directory / TEXT_HEAD
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(path),
+              metadata={"tower": tower_fingerprint(directory)})
+    return path
+
+
+def load_text_head(directory: Path) -> TextHead | None:
+    """The text head trained with the tower in `directory`, if there is one. A head found beside another
+    tower is an error: its text side would not match the images."""
+    path = directory / TEXT_HEAD
+    if not path.is_file() or not tower_weights(directory).is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        head = TextHead(state["proj.weight"].shape[1])
+        head.load_state_dict(state)
+    except (KeyError, RuntimeError, OSError, SafetensorError) as exc:
+        raise ModelLoadError(f"{path} is not a text head ({exc}): retrain the retrieval stage") from exc
+    if meta.get("tower") and meta["tower"] != tower_fingerprint(directory):
+        raise ModelLoadError(f"{path} was trained with another tower than the one in {directory / VISION_DIR}: "
+                             "retrain the retrieval stage (or remove the stale head and its query bank)")
+    return head.eval()
 
 
 @dataclass(frozen=True, eq=False)  # tensors: no field-wise ==
@@ -283,11 +338,12 @@ def load_query_bank(directory: Path) -> QueryBank | None:
 
 class DualEncoder:
     """Image and text embeddings in one space; cosine similarity = dot product of the outputs.
-    With a `bank`, search queries (`embed_queries`) are expanded through it (`QueryBank`)."""
+    With a `text_head`, texts and label prompts go through it (`TextHead`); with a `bank`, search queries
+    (`embed_queries`) are then expanded through it (`QueryBank`)."""
 
     def __init__(self, tower: GeoHybridVisionModel, text: TextEncoder,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                 rotations: int = ROTATIONS, bank: QueryBank | None = None) -> None:
+                 rotations: int = ROTATIONS, bank: QueryBank | None = None, text_head: TextHead | None = None) -> None:
         if tower.config.projection_dim != text.dim:
             raise ModelLoadError(
                 f"the tower's head gives {tower.config.projection_dim}-d embeddings, the text encoder {text.dim}-d"
@@ -297,6 +353,7 @@ class DualEncoder:
         self.mean, self.std = tuple(mean), tuple(std)
         self.rotations = rotations
         self.bank = bank
+        self.text_head = text_head
 
     def embed_images(self, rgbs: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """(h, w, 3) uint8 images → (n, D) unit vectors (`tower_embedding`: mean over rotations)."""
@@ -308,7 +365,10 @@ class DualEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.text.dim), np.float32)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.text.encode(texts)
+        return self._search_space(self.text.encode(texts))
+
+    def _search_space(self, emb: np.ndarray) -> np.ndarray:
+        return self.text_head.transform(emb) if self.text_head is not None and len(emb) else emb
 
     def image_offsets(self, images: np.ndarray) -> np.ndarray | None:
         """(n, D) image embeddings → (n,) offsets to subtract from text-query scores (the bank's hubness
@@ -321,7 +381,7 @@ class DualEncoder:
         return self.bank.expand(emb) if self.bank is not None and len(emb) else emb
 
     def embed_labels(self, labels: Sequence[str]) -> np.ndarray:
-        return label_embeddings(self.text, labels)
+        return self._search_space(label_embeddings(self.text, labels))
 
 
 def label_embeddings(text: TextEncoder, labels: Sequence[str]) -> np.ndarray:

@@ -19,7 +19,7 @@ import torch
 
 from geochat.errors import GeoChatError
 from geochat.train.align import AlignModel, build_query_bank, load_align_data
-from geochat.train.dual_encoder import TextEncoder, load_tower, save_query_bank, tower_weights
+from geochat.train.dual_encoder import TextEncoder, load_text_head, load_tower, save_query_bank, tower_weights
 from geochat.train.recipe import load_recipe
 
 
@@ -35,7 +35,7 @@ def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) 
                            "name the directory that holds vision/, e.g. adapters/geochat-mini/retrieval")
     tower = load_tower(tower_dir)  # checks every weight against the saved config
     data = load_align_data(recipe, replace(cfg, val_split=None), tower, TextEncoder(), progress)  # train images only
-    model = AlignModel(tower, cfg.temperature).eval()
+    model = AlignModel(tower, cfg.temperature, load_text_head(tower_dir)).eval()  # keys in the search space
     align = recipe.assistant_config("align")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bank = build_query_bank(model.to(device), data, device, align.image_mean, align.image_std)

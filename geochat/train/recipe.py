@@ -127,6 +127,7 @@ class RetrievalConfig(AlignConfig):
     vision: dict[str, Any] = field(default_factory=dict)
     from_align: bool = True           # start from the align stage's tower (else from ImageNet's stem alone)
     query_bank: bool = False          # also write retrieval/query_bank.safetensors (search-query expansion)
+    text_head: bool = False           # also train a residual linear map on the text side (text_head.safetensors)
 
     def __post_init__(self) -> None:
         super().__post_init__()

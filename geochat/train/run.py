@@ -5,7 +5,8 @@
     OUTPUT/pretrain/assistant/    an assistant directory after pretraining
     OUTPUT/instruct/assistant/    ... after instruction tuning
     OUTPUT/retrieval/             (optional) log.jsonl, loss.png, checkpoint/, vision/ (the search tower), done.json,
-                                  query_bank.safetensors (with `query_bank: true`)
+                                  query_bank.safetensors (with `query_bank: true`), text_head.safetensors
+                                  (with `text_head: true`)
     OUTPUT/assistant/             the final result: the last chat stage's assistant (or the aligned tower),
                                   with the search tower as assistant/retrieval/vision/ when there is one
 
@@ -23,7 +24,7 @@ from typing import Any
 
 from geochat.errors import GeoChatError
 from geochat.model.weights import TRAINED_DEFAULT_DIR, store_as_float16
-from geochat.train.dual_encoder import QUERY_BANK, RETRIEVAL_DIR
+from geochat.train.dual_encoder import QUERY_BANK, RETRIEVAL_DIR, TEXT_HEAD
 from geochat.train.recipe import Recipe
 
 FINAL = "assistant"
@@ -121,8 +122,9 @@ def _assemble(recipe: Recipe, final: Path, previous: Path | None, retrieval: Pat
     if retrieval is not None:
         shutil.rmtree(final / RETRIEVAL_DIR, ignore_errors=True)
         shutil.copytree(retrieval / "vision", final / RETRIEVAL_DIR / "vision")
-        if (retrieval / QUERY_BANK).is_file():
-            shutil.copy2(retrieval / QUERY_BANK, final / RETRIEVAL_DIR / QUERY_BANK)
+        for name in (QUERY_BANK, TEXT_HEAD):
+            if (retrieval / name).is_file():
+                shutil.copy2(retrieval / name, final / RETRIEVAL_DIR / name)
     if recipe.run.save_dtype == "float16":
         for path in sorted(final.rglob("*.safetensors")):
             store_as_float16(path)
