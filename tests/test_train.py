@@ -341,6 +341,17 @@ def test_lr_scales_multiply_the_schedule_per_parameter_group(tmp_path: Path) -> 
     assert set(lrs) == {0.25, 1.0} and lrs[0.25] == pytest.approx(0.25 * lrs[1.0]) and lrs[1.0] > 0
 
 
+def _retrained_copy(search: Path, other: Path) -> Path:
+    """A copy of the search tower directory `search` whose tower has changed (one weight moved), as if retrained
+    in place: what it holds beside the tower (bank, text head) now belongs to another tower."""
+    shutil.copytree(search, other)
+    weights = load_file(str(other / "vision" / "model.safetensors"))
+    key = next(k for k, v in weights.items() if v.is_floating_point())
+    weights[key] = weights[key] + 0.01
+    save_file(weights, str(other / "vision" / "model.safetensors"))
+    return other
+
+
 def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_path: Path, data: Path,
                                                                           tiny_llm_dir: Path,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
@@ -398,12 +409,7 @@ def test_retrieval_stage_trains_a_search_tower_that_the_dual_encoder_uses(tmp_pa
     assert written.tower == again.tower == tower_fingerprint(final / "retrieval") != ""
     labels = ["airport", "forest"]
     assert np.allclose(dual.embed_labels(labels), DualEncoder(dual.tower, dual.text).embed_labels(labels))
-    other = tmp_path / "retrained"
-    shutil.copytree(final / "retrieval", other)
-    weights = load_file(str(other / "vision" / "model.safetensors"))
-    key = next(k for k, v in weights.items() if v.is_floating_point())
-    weights[key] = weights[key] + 0.01
-    save_file(weights, str(other / "vision" / "model.safetensors"))
+    other = _retrained_copy(final / "retrieval", tmp_path / "retrained")
     with caplog.at_level(logging.WARNING):
         assert load_query_bank(other) is None
     assert "built for another tower" in caplog.text
@@ -804,12 +810,7 @@ def test_retrieval_stage_with_a_text_head_searches_and_labels_through_it(tmp_pat
     again = QueryBank.load(final / "retrieval" / "query_bank.safetensors")
     torch.testing.assert_close(again.keys, written.keys)
     # a head beside another tower is refused: its texts would not match that tower's images
-    other = tmp_path / "retrained"
-    shutil.copytree(final / "retrieval", other)
-    weights = load_file(str(other / "vision" / "model.safetensors"))
-    key = next(k for k, v in weights.items() if v.is_floating_point())
-    weights[key] = weights[key] + 0.01
-    save_file(weights, str(other / "vision" / "model.safetensors"))
+    other = _retrained_copy(final / "retrieval", tmp_path / "retrained")
     with pytest.raises(ModelLoadError, match="trained with another tower"):
         load_text_head(other)
     (other / TEXT_HEAD).write_bytes(b"not safetensors")
