@@ -1,8 +1,9 @@
 """The dual encoder: the hybrid tower's pooled head ↔ frozen MiniLM sentence embeddings.
 
 Images and text share MiniLM's 384-d space: the text side is all-MiniLM-L6-v2 as shipped (frozen,
-L2-normalised), the image side is the tower's `pooler_output` (mean of its patch tokens through a
-linear head), trained contrastively by the align stage to land next to the image's captions. That
+L2-normalised; a retrieval stage with `text_head: true` adds a trained residual linear map on top, `TextHead`),
+the image side is the tower's `pooler_output` (mean of its patch tokens through a linear head), trained
+contrastively by the align stage to land next to the image's captions. That
 one space serves zero-shot scene classification (image vs label prompts), text→image and
 image→image search, and the image side of retrieval.
 
