@@ -268,7 +268,10 @@ def test_first_use_builds_the_index(tmp_path: Path, docs: Path) -> None:
     location = StoreLocation(path=tmp_path / "fresh")
     retriever, report = ensure_retriever(location, docs_root=docs, progress=False)
     assert retriever is not None and report is not None and report.total_records == 6
+    reopened: list[bool] = []
+    retriever.store.reopen = lambda: reopened.append(True)  # type: ignore[method-assign]
     assert retriever.search("speckle", k=1)[0].heading == "Speckle"
+    assert not reopened  # this process wrote the index: nothing to catch up on
     again, report2 = ensure_retriever(location, docs_root=docs, progress=False)
     assert again is not None and report2 is None  # built once
     (docs / "sar.md").write_text(DOCS_TEXT["sar.md"] + "\n## Layover\n\nTall buildings lean towards the sensor.\n")

@@ -67,9 +67,13 @@ class Retriever:
     def _docs(self) -> Any | None:
         return self._open(DOCS)
 
-    def forget_docs(self) -> None:
-        """Drop the cached docs collection: the next search opens it again (after a rebuild, here or elsewhere)."""
+    def forget_docs(self, indexed_here: bool = False) -> None:
+        """Drop the cached docs collection: the next search opens it again (after a rebuild, here or elsewhere).
+        `indexed_here`: this process wrote the new collection itself, so its store already sees it and the
+        next search need not reopen the store for the collection's new run stamp."""
         self.__dict__.pop("_docs", None)
+        if indexed_here:
+            self._runs.pop(DOCS, None)
 
     @cached_property
     def _images(self) -> Any | None:
@@ -266,5 +270,5 @@ def ensure_retriever(
     if col is not None and (docs_root_of(col) != str(root) or plan_docs(col, root).up_to_date):
         return retriever, None
     report = index_docs(store, root, embedder=retriever.text_embedder, progress=progress)
-    retriever.forget_docs()  # re-read the now finished collection
+    retriever.forget_docs(indexed_here=True)  # re-read the now finished collection
     return retriever, report
