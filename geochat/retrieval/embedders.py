@@ -147,10 +147,9 @@ class TowerEmbedder:
         return load_text_head(self.directory)
 
     def embed_text(self, text: str) -> np.ndarray:
-        query = self._text.embed_query(text)
-        if self.text_head is not None:
-            query = self.text_head.transform(query[None])[0]
-        return query if self.bank is None else self.bank.expand(query[None])[0]
+        from geochat.train.dual_encoder import search_queries
+
+        return search_queries(self._text.embed_query(text)[None], self.text_head, self.bank)[0]
 
     @property
     def text_offsets(self) -> Callable[[np.ndarray], np.ndarray] | None:

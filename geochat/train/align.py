@@ -88,6 +88,11 @@ class AlignModel(nn.Module):
         """MiniLM's unit vectors (T, D) → the search space's (through the text head, if any)."""
         return self.text_head(text) if self.text_head is not None else text
 
+    @torch.no_grad()
+    def embed_text_array(self, text: np.ndarray, device: torch.device) -> np.ndarray:
+        """`embed_text` of a float array, computed on `device` (validation, the query bank's keys)."""
+        return self.embed_text(torch.from_numpy(np.asarray(text, dtype=np.float32)).to(device)).float().cpu().numpy()
+
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """Unit vectors (B, D) of pixel values (B, 3, S, S) or cached stem features (B, N, C)."""
         out = self.tower(pixel_values=inputs) if inputs.ndim == 4 else self.tower(stem_features=inputs)
@@ -374,8 +379,7 @@ def embed_image_set(model: AlignModel, images: ImageSet, device: torch.device, m
 def build_query_bank(model: AlignModel, data: AlignData, device: torch.device, mean: tuple, std: tuple) -> QueryBank:
     """The `QueryBank` of a trained tower: its training images' embeddings, keyed by their caption centroids
     (in the search space: through the model's text head, if any)."""
-    with torch.no_grad():
-        text = model.embed_text(torch.from_numpy(np.asarray(data.text, dtype=np.float32)).to(device)).float().cpu()
+    text = torch.from_numpy(model.embed_text_array(data.text, device))
     keys = F.normalize(torch.stack([text[a:b].mean(0) for a, b in data.spans]), dim=-1)
     return QueryBank(keys, torch.from_numpy(embed_image_set(model, data.train, device, mean, std)))
 
@@ -385,16 +389,12 @@ def _val_fn(model: AlignModel, data: AlignData, device: torch.device, mean: tupl
     assert data.val is not None and data.val_captions is not None
     val, captions = data.val, data.val_captions
 
-    def search_space(text: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model.embed_text(torch.from_numpy(text).to(device)).float().cpu().numpy()
-
     def eval_fn() -> dict[str, float]:
         z = embed_image_set(model, val, device, mean, std)
-        recalls = retrieval_recalls(z, search_space(captions), data.val_caption_image)
+        recalls = retrieval_recalls(z, model.embed_text_array(captions, device), data.val_caption_image)
         out = {k: v for k, v in recalls.items() if k in ("t2i_R@1", "t2i_R@10")}
         if data.val_label_emb is not None:
-            pred = (z @ search_space(data.val_label_emb).T).argmax(1)
+            pred = (z @ model.embed_text_array(data.val_label_emb, device).T).argmax(1)
             names = data.val_label_names
             out["zero_shot_acc"] = float(np.mean([names[p] == label for p, label in zip(pred, data.val_labels, strict=True)]))
         return out

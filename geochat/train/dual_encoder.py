@@ -337,6 +337,16 @@ def load_query_bank(directory: Path) -> QueryBank | None:
     return bank
 
 
+def search_queries(emb: np.ndarray, text_head: TextHead | None, bank: QueryBank | None = None) -> np.ndarray:
+    """MiniLM's (n, D) unit vectors → the search space's: through the text head, then (search queries only)
+    expanded through the query bank; each step only where the tower has one."""
+    if not len(emb):
+        return emb
+    if text_head is not None:
+        emb = text_head.transform(emb)
+    return bank.expand(emb) if bank is not None else emb
+
+
 class DualEncoder:
     """Image and text embeddings in one space; cosine similarity = dot product of the outputs.
     With a `text_head`, texts and label prompts go through it (`TextHead`); with a `bank`, search queries
@@ -366,10 +376,7 @@ class DualEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.text.dim), np.float32)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self._search_space(self.text.encode(texts))
-
-    def _search_space(self, emb: np.ndarray) -> np.ndarray:
-        return self.text_head.transform(emb) if self.text_head is not None and len(emb) else emb
+        return search_queries(self.text.encode(texts), self.text_head)
 
     def image_offsets(self, images: np.ndarray) -> np.ndarray | None:
         """(n, D) image embeddings → (n,) offsets to subtract from text-query scores (the bank's hubness
@@ -378,11 +385,10 @@ class DualEncoder:
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """Search queries: `embed_texts`, expanded through the query bank when there is one."""
-        emb = self.embed_texts(texts)
-        return self.bank.expand(emb) if self.bank is not None and len(emb) else emb
+        return search_queries(self.text.encode(texts), self.text_head, self.bank)
 
     def embed_labels(self, labels: Sequence[str]) -> np.ndarray:
-        return self._search_space(label_embeddings(self.text, labels))
+        return search_queries(label_embeddings(self.text, labels), self.text_head)
 
 
 def label_embeddings(text: TextEncoder, labels: Sequence[str]) -> np.ndarray:
