@@ -816,3 +816,42 @@ def test_retrieval_stage_with_a_text_head_searches_and_labels_through_it(tmp_pat
     (other / TEXT_HEAD).write_bytes(b"not safetensors")
     with pytest.raises(ModelLoadError, match="is not a text head"):
         load_text_head(other)
+
+
+def test_retrieval_stage_trains_on_two_splits_and_banks_one(tmp_path: Path, data: Path, tiny_llm_dir: Path) -> None:
+    """`split: train+val` trains on both splits' images (each split's stem features cached on its own and
+    reused), `bank_split` keeps the query bank to one of them; validating on a trained split is refused."""
+    from geochat.eval.tasks import load_dual
+    from geochat.train.align import build_tower, load_align_data
+    from geochat.train.dual_encoder import TextEncoder
+
+    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
+    retrieval = {**_align(data, steps=2)["align"], "max_images": None, "split": "train+val", "val_split": None,
+                 "rotations": 2, "query_bank": True, "bank_split": "train", "vision": {"trainable_stem_blocks": 1}}
+    path = _recipe(tmp_path, data, tiny_llm_dir, {"retrieval": retrieval})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["vision"] = vision
+    path.write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe(path)
+    assert loaded.retrieval is not None
+    tower = build_tower(loaded, loaded.retrieval.vision)
+    both = load_align_data(loaded, loaded.retrieval, tower, TextEncoder(), progress=False)
+    assert both.splits == ["train"] * 6 + ["val"] * 2 and len(both.train) == 8
+    assert len(list((tmp_path / "cache").glob("stem-*.npy"))) == 2 * 2  # a cache per split and turn
+    one = load_align_data(loaded, dataclasses.replace(loaded.retrieval, split="val", bank_split=None), tower,
+                          TextEncoder(), progress=False)
+    assert len(list((tmp_path / "cache").glob("stem-*.npy"))) == 2 * 2  # val's caches were reused
+    for turn in range(2):
+        np.testing.assert_array_equal(both.train.arrays[turn][6:], one.train.arrays[turn])
+    np.testing.assert_array_equal(both.text[both.spans[6][0]:], one.text)  # val's captions follow train's
+    final = run_recipe(loaded, progress=False, use_accelerate=False)
+    bank = load_dual(str(final)).bank
+    assert bank is not None and len(bank.keys) == 6  # the training split's images only
+
+    for key, value, message in (("val_split", "val", "would not be held out"),
+                                ("bank_split", "test", "not one of the training splits")):
+        broken = yaml.safe_load(path.read_text())
+        broken["retrieval"][key] = value
+        (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+        with pytest.raises(GeoChatError, match=message):
+            load_recipe(tmp_path / "broken.yaml")

@@ -127,6 +127,11 @@ def _rows(path: Path, split: str | None) -> list[dict]:
     return [r for r in rows if r.get("captions") and (split is None or r.get("split") == split)]
 
 
+def joined(arrays: list[np.ndarray]) -> np.ndarray:
+    """Arrays stacked along their first axis; a single one returned as it is (a memory map stays one)."""
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
 def subset(n: int, k: int | None, seed: int) -> list[int]:
     """A seeded random subset of range(n), in order (the same rule everywhere caches are shared)."""
     return list(range(n)) if k is None or k >= n else sorted(random.Random(seed).sample(range(n), k))
@@ -169,7 +174,8 @@ class AlignData:
     """Everything a contrastive stage trains and validates on, the frozen encoders' outputs included.
 
     `text[a:b]` for `(a, b) = spans[i]` are image i's caption embeddings; `label_idx[i]` indexes
-    `label_emb` (-1: no label). `val_*` describe the validation images (`val` None: no validation).
+    `label_emb` (-1: no label); `splits[i]` is its split. `val_*` describe the validation images (`val` None:
+    no validation).
     """
 
     train: ImageSet
@@ -177,6 +183,7 @@ class AlignData:
     spans: list[tuple[int, int]]
     label_idx: np.ndarray | None
     label_emb: np.ndarray | None
+    splits: list[str] = field(default_factory=list)
     val: ImageSet | None = None
     val_captions: np.ndarray | None = None
     val_caption_image: list[int] = field(default_factory=list)
@@ -203,21 +210,28 @@ def load_align_data(recipe: Recipe, cfg: AlignConfig, tower: GeoHybridVisionMode
     mean, std = recipe.assistant_config("align").image_mean, recipe.assistant_config("align").image_std
     turns = quarter_turns(cfg.rotations)
 
-    def images(paths: list[Path]) -> ImageSet:
+    def images(groups: list[list[Path]]) -> ImageSet:
+        """The images of each group (a split's), in order; each group cached on its own, so a stage that
+        adds a split reuses the caches of the others."""
         if from_pixels(tower):
-            return ImageSet([decode_images(paths, tower.config.image_size, progress)], turns)
-        return ImageSet([cache_stem_features(tower, paths, cache_dir, mean, std, progress, k) for k in turns], turns)
+            return ImageSet([joined([decode_images(g, tower.config.image_size, progress) for g in groups])], turns)
+        return ImageSet([joined([cache_stem_features(tower, g, cache_dir, mean, std, progress, k) for g in groups])
+                         for k in turns], turns)
 
-    train_rows = _rows(ann, cfg.split)
+    groups = [_rows(ann, split) for split in cfg.split.split("+")]  # `train+val`: both splits
+    train_rows = [r for group in groups for r in group]
     if len(train_rows) < 2:
         raise GeoChatError(f"{ann}: fewer than 2 captioned rows in split {cfg.split!r}")
-    all_captions = [c for r in train_rows for c in r["captions"]]
     starts = np.cumsum([0] + [len(r["captions"]) for r in train_rows])
-    text_all = cache_text_embeddings(all_captions, cache_dir, text_encoder.directory, progress)  # (captions, D)
+    text_all = joined([cache_text_embeddings([c for r in group for c in r["captions"]], cache_dir,
+                                             text_encoder.directory, progress) for group in groups])  # (captions, D)
     picked = subset(len(train_rows), cfg.max_images, seed)
+    group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
     data = AlignData(
-        train=images([(ann.parent / train_rows[i]["image"]).resolve() for i in picked]),
+        train=images([[(ann.parent / train_rows[i]["image"]).resolve() for i in picked if group_of[i] == g]
+                      for g in range(len(groups))]),
         text=text_all, spans=[(int(starts[i]), int(starts[i + 1])) for i in picked], label_idx=None, label_emb=None,
+        splits=[str(train_rows[i].get("split")) for i in picked],
     )
     label_names = sorted({str(r["label"]) for r in train_rows if r.get("label")})
     if cfg.label_weight:
@@ -230,7 +244,7 @@ def load_align_data(recipe: Recipe, cfg: AlignConfig, tower: GeoHybridVisionMode
     val_rows = _rows(ann, cfg.val_split) if cfg.val_split else []
     if val_rows:
         val_rows = [val_rows[i] for i in subset(len(val_rows), cfg.val_max, seed)]
-        data.val = images([(ann.parent / r["image"]).resolve() for r in val_rows])
+        data.val = images([[(ann.parent / r["image"]).resolve() for r in val_rows]])
         data.val_captions = text_encoder.encode([c for r in val_rows for c in r["captions"]])
         data.val_caption_image = [i for i, r in enumerate(val_rows) for _ in r["captions"]]
         data.val_labels = [r.get("label") for r in val_rows]
@@ -345,7 +359,7 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         bank = None
         if isinstance(cfg, RetrievalConfig) and cfg.query_bank:
             model.eval()
-            bank = build_query_bank(model, data, device, mean, std)
+            bank = build_query_bank(model, data, device, mean, std, cfg.bank_split)
         save_tower(tower.cpu(), directory)
         if model.text_head is not None:
             save_text_head(model.text_head.cpu(), directory)
@@ -376,12 +390,16 @@ def embed_image_set(model: AlignModel, images: ImageSet, device: torch.device, m
     return mean_of_views([embed_view(k, v) for v, k in enumerate(images.turns)]).numpy()
 
 
-def build_query_bank(model: AlignModel, data: AlignData, device: torch.device, mean: tuple, std: tuple) -> QueryBank:
-    """The `QueryBank` of a trained tower: its training images' embeddings, keyed by their caption centroids
-    (in the search space: through the model's text head, if any)."""
+def build_query_bank(model: AlignModel, data: AlignData, device: torch.device, mean: tuple, std: tuple,
+                     split: str | None = None) -> QueryBank:
+    """The `QueryBank` of a trained tower: its training images' embeddings (those of `split`, if given), keyed by
+    their caption centroids (in the search space: through the model's text head, if any)."""
+    rows = [i for i, name in enumerate(data.splits) if split is None or name == split]
     text = torch.from_numpy(model.embed_text_array(data.text, device))
-    keys = F.normalize(torch.stack([text[a:b].mean(0) for a, b in data.spans]), dim=-1)
-    return QueryBank(keys, torch.from_numpy(embed_image_set(model, data.train, device, mean, std)))
+    keys = F.normalize(torch.stack([text[slice(*data.spans[i])].mean(0) for i in rows]), dim=-1)
+    images = data.train if len(rows) == len(data.train) else ImageSet([a[rows] for a in data.train.arrays],
+                                                                       data.train.turns)
+    return QueryBank(keys, torch.from_numpy(embed_image_set(model, images, device, mean, std)))
 
 
 def _val_fn(model: AlignModel, data: AlignData, device: torch.device, mean: tuple,

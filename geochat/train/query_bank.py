@@ -3,7 +3,7 @@
     python -m geochat.train.query_bank RECIPE.yaml TOWER_DIR
 
 TOWER_DIR holds `vision/` (e.g. `adapters/geochat-mini/retrieval`); the bank is built from the recipe's
-retrieval stage data (its training split, through the same feature caches) and written as
+retrieval stage data (its training split(s), or `bank_split`, through the same feature caches) and written as
 TOWER_DIR/query_bank.safetensors. A retrieval stage with `query_bank: true` does this itself; this
 command is for a tower trained without it.
 """
@@ -20,7 +20,7 @@ import torch
 from geochat.errors import GeoChatError
 from geochat.train.align import AlignModel, build_query_bank, load_align_data
 from geochat.train.dual_encoder import TextEncoder, load_text_head, load_tower, save_query_bank, tower_weights
-from geochat.train.recipe import load_recipe
+from geochat.train.recipe import RetrievalConfig, load_recipe
 
 
 def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) -> Path:
@@ -38,7 +38,8 @@ def write_query_bank(recipe_path: Path, tower_dir: Path, progress: bool = True) 
     model = AlignModel(tower, cfg.temperature, load_text_head(tower_dir)).eval()  # keys in the search space
     align = recipe.assistant_config("align")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bank = build_query_bank(model.to(device), data, device, align.image_mean, align.image_std)
+    split = cfg.bank_split if isinstance(cfg, RetrievalConfig) else None
+    bank = build_query_bank(model.to(device), data, device, align.image_mean, align.image_std, split)
     return save_query_bank(bank, tower_dir)
 
 

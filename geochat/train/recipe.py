@@ -68,8 +68,8 @@ class AlignConfig:
     """Contrastive stage over an annotations JSONL with captions (RSICD's format)."""
 
     annotations: str
-    split: str = "train"
-    max_images: int | None = None    # seeded random subset of the split
+    split: str = "train"              # the training split, or several joined by + (train+val)
+    max_images: int | None = None    # seeded random subset of the split(s)
     val_split: str | None = "val"
     val_max: int = 200
     temperature: float = 0.07         # initial; learnable (CLIP)
@@ -95,6 +95,9 @@ class AlignConfig:
             raise ValueError("align.temperature must be in (0, 1)")
         if self.captions not in ("one", "all"):
             raise ValueError(f"captions must be 'one' or 'all', got {self.captions!r}")
+        if self.val_split and self.val_split in self.split.split("+"):
+            raise ValueError(f"val_split {self.val_split!r} is also trained on (split {self.split!r}), so its scores "
+                             "would not be held out: set val_split: null, or train on other splits")
 
 
 @dataclass(frozen=True)
@@ -127,11 +130,14 @@ class RetrievalConfig(AlignConfig):
     vision: dict[str, Any] = field(default_factory=dict)
     from_align: bool = True           # start from the align stage's tower (else from ImageNet's stem alone)
     query_bank: bool = False          # also write retrieval/query_bank.safetensors (search-query expansion)
+    bank_split: str | None = None     # the bank's images: this one training split (None: all of `split`)
     text_head: bool = False           # also train a residual linear map on the text side (text_head.safetensors)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_tower_keys(self.vision, "retrieval.vision")
+        if self.bank_split is not None and self.bank_split not in self.split.split("+"):
+            raise ValueError(f"bank_split {self.bank_split!r} is not one of the training splits ({self.split!r})")
 
 
 @dataclass(frozen=True)
