@@ -498,8 +498,11 @@ def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path
     path.write_text(yaml.safe_dump(cached))
     with pytest.raises(ValueError, match="above 4"):  # a pack holds pixels, not cached stem features
         train_from_pack(load_recipe(path), pack, tmp_path / "cached", progress=False)
-    from geochat.errors import GeoChatError
-
+    cached["retrieval"]["vision"]["trainable_stem_blocks"] = 16
+    cached["retrieval"] |= {"text_head": True, "text_layers": 1}
+    path.write_text(yaml.safe_dump(cached))
+    with pytest.raises(GeoChatError, match="holds only their embeddings"):  # MiniLM's LoRA reads the captions
+        train_from_pack(load_recipe(path), pack, tmp_path / "text-layers", progress=False)
     with pytest.raises(GeoChatError, match="not a training pack"):
         read_pack(tmp_path / "out", [0])
     without_val = write_pack(load_recipe(path), tmp_path / "pack2", val_images=False, progress=False)
@@ -855,3 +858,61 @@ def test_retrieval_stage_trains_on_two_splits_and_banks_one(tmp_path: Path, data
         (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
         with pytest.raises(GeoChatError, match=message):
             load_recipe(tmp_path / "broken.yaml")
+
+
+def test_retrieval_stage_with_text_layers_adapts_minilm_for_search_alone(tmp_path: Path, data: Path,
+                                                                          tiny_llm_dir: Path) -> None:
+    """`text_layers: 1`: LoRA on MiniLM's top layer trains with the tower; search texts, label prompts and the
+    bank's keys go through that adapted copy, saved as adapters beside the head, while MiniLM itself (what
+    documentation retrieval reads) is untouched."""
+    from geochat.errors import ModelLoadError
+    from geochat.eval.tasks import load_dual
+    from geochat.retrieval.embedders import TowerEmbedder
+    from geochat.retrieval.text import TextEmbedder
+    from geochat.train.dual_encoder import TEXT_HEAD, QueryBank, TextEncoder, label_embeddings, load_text_head
+    from geochat.train.query_bank import write_query_bank
+
+    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
+    retrieval = {**_align(data, steps=3)["align"], "rotations": 1, "query_bank": True, "text_head": True,
+                 "text_layers": 1, "text_rank": 4, "vision": {"trainable_stem_blocks": 1}}
+    retrieval["optim"] = {**retrieval["optim"], "lr": 0.05}
+    path = _recipe(tmp_path, data, tiny_llm_dir, {"retrieval": retrieval})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["model"]["vision"] = vision
+    path.write_text(yaml.safe_dump(recipe))
+    final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
+
+    saved = load_file(str(final / "retrieval" / TEXT_HEAD))
+    adapters = [k for k in saved if "lora_" in k]
+    assert adapters and all(".layer.5." in k for k in adapters)  # the top layer only; no MiniLM weight stored
+    assert set(saved) - set(adapters) == {"proj.weight", "proj.bias"}
+    assert any(float(saved[k].abs().max()) > 0 for k in adapters if "lora_B" in k)  # the adapters trained
+    dual = load_dual(str(final))
+    head = dual.text_head
+    assert head is not None and head.minilm is not None
+    texts, labels = ["an airport", "a dense forest"], ["airport", "forest"]
+    plain = TextEncoder()
+    adapted = head.encoder().encode(texts)
+    assert not np.allclose(adapted, plain.encode(texts), atol=1e-3)  # the adapters move MiniLM's vectors
+    np.testing.assert_allclose(dual.embed_texts(texts), head.transform(adapted), atol=1e-5)
+    np.testing.assert_allclose(dual.embed_labels(labels), head.transform(label_embeddings(head.encoder(), labels)),
+                               atol=1e-5)
+    # documentation retrieval's MiniLM is not the adapted one
+    np.testing.assert_allclose(TextEmbedder().embed_query("an airport"), plain.encode(["an airport"])[0], atol=1e-5)
+    assert np.allclose(TowerEmbedder(final / "retrieval").embed_text("an airport"),
+                       dual.embed_queries(["an airport"])[0], atol=1e-4)
+    written = dual.bank
+    assert written is not None
+    write_query_bank(path, final / "retrieval", progress=False)  # keys from the adapted MiniLM again
+    torch.testing.assert_close(QueryBank.load(final / "retrieval" / "query_bank.safetensors").keys, written.keys)
+    # a head file whose adapters do not fit what it declares is refused
+    broken = dict(saved)
+    broken.pop(adapters[0])
+    save_file(broken, str(final / "retrieval" / TEXT_HEAD), metadata={"layers": "1", "rank": "4"})
+    with pytest.raises(ModelLoadError, match="is not a text head"):
+        load_text_head(final / "retrieval")
+    bad = yaml.safe_load(path.read_text())
+    bad["retrieval"]["text_head"] = False
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(GeoChatError, match="set text_head: true"):
+        load_recipe(tmp_path / "bad.yaml")

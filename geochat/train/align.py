@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,10 +44,12 @@ from geochat.model.hybrid_tower import CACHEABLE_TAIL, GeoHybridVisionConfig, Ge
 from geochat.model.processor import normalise, square_resized, unit_scale
 from geochat.paths import cache_root
 from geochat.train.dual_encoder import (
+    LABEL_PROMPTS,
     QueryBank,
     TextEncoder,
     TextHead,
     label_embeddings,
+    label_prompts,
     mean_of_views,
     quarter_turns,
     save_query_bank,
@@ -84,25 +86,51 @@ class AlignModel(nn.Module):
         self.logit_scale = LogitScale(temperature)
         self.text_head = text_head
 
-    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
-        """MiniLM's unit vectors (T, D) → the search space's (through the text head, if any)."""
+    @property
+    def reads_text(self) -> bool:
+        """Whether the text side reads texts itself (a head with `text_layers`) rather than MiniLM's vectors."""
+        return self.text_head is not None and self.text_head.minilm is not None
+
+    def embed_text(self, text: torch.Tensor | Sequence[str]) -> torch.Tensor:
+        """MiniLM's unit vectors (T, D), or the texts themselves where the head reads them (`reads_text`) →
+        the search space's vectors (through the text head, if any)."""
+        if not isinstance(text, torch.Tensor):
+            assert self.text_head is not None
+            text = self.text_head.encode(text)
         return self.text_head(text) if self.text_head is not None else text
 
+    def embed_labels(self, label_emb: torch.Tensor | Sequence[str]) -> torch.Tensor:
+        """Label vectors (L, D) as `label_embeddings` gives them, or (`reads_text`) each label's
+        `LABEL_PROMPTS` in a row, averaged the same way → the search space's vectors."""
+        if not isinstance(label_emb, torch.Tensor):
+            assert self.text_head is not None
+            prompts = self.text_head.encode(label_emb)
+            label_emb = F.normalize(prompts.reshape(-1, len(LABEL_PROMPTS), prompts.shape[-1]).mean(1), dim=-1)
+        return self.embed_text(label_emb)
+
     @torch.no_grad()
-    def embed_text_array(self, text: np.ndarray, device: torch.device) -> np.ndarray:
-        """`embed_text` of a float array, computed on `device` (validation, the query bank's keys)."""
-        return self.embed_text(torch.from_numpy(np.asarray(text, dtype=np.float32)).to(device)).float().cpu().numpy()
+    def embed_text_array(self, text: np.ndarray | Sequence[str], device: torch.device, labels: bool = False,
+                         batch: int = 512) -> np.ndarray:
+        """`embed_text` (`embed_labels` with `labels`) of a float array or of texts, computed on `device` in
+        batches (validation, the query bank's keys)."""
+        embed = self.embed_labels if labels else self.embed_text
+        if isinstance(text, np.ndarray):
+            return embed(torch.from_numpy(np.asarray(text, dtype=np.float32)).to(device)).float().cpu().numpy()
+        step = batch - batch % len(LABEL_PROMPTS) if labels else batch
+        parts = [embed(list(text[a : a + step])).float().cpu().numpy() for a in range(0, len(text), step)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.tower.config.projection_dim), np.float32)
 
     def embed(self, inputs: torch.Tensor) -> torch.Tensor:
         """Unit vectors (B, D) of pixel values (B, 3, S, S) or cached stem features (B, N, C)."""
         out = self.tower(pixel_values=inputs) if inputs.ndim == 4 else self.tower(stem_features=inputs)
         return F.normalize(out.pooler_output, dim=-1)
 
-    def forward(self, inputs: torch.Tensor, text: torch.Tensor, labels: torch.Tensor | None = None,
-                label_emb: torch.Tensor | None = None, label_weight: float = 0.0,
+    def forward(self, inputs: torch.Tensor, text: torch.Tensor | Sequence[str], labels: torch.Tensor | None = None,
+                label_emb: torch.Tensor | Sequence[str] | None = None, label_weight: float = 0.0,
                 owner: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of a batch (a forward, so that data-parallel wrappers see the call). `text` (T, D) holds
-        one caption an image (`owner` None: text i is image i's) or several (`owner[t]`: text t's image)."""
+        one caption an image (`owner` None: text i is image i's) or several (`owner[t]`: text t's image);
+        where the head reads texts, `text` and `label_emb` are the captions and the label prompts."""
         z = self.embed(inputs)
         text = self.embed_text(text)
         scale = self.logit_scale()
@@ -115,7 +143,8 @@ class AlignModel(nn.Module):
             image_to_text = (logits.logsumexp(1) - logits.masked_fill(~mine, -torch.inf).logsumexp(1)).mean()
             loss = (image_to_text + F.cross_entropy(logits.T, owner)) / 2
         if label_weight and labels is not None and label_emb is not None:
-            loss = loss + label_weight * F.cross_entropy(scale * z @ self.embed_text(label_emb).T, labels, ignore_index=-1)
+            loss = loss + label_weight * F.cross_entropy(scale * z @ self.embed_labels(label_emb).T, labels,
+                                                         ignore_index=-1)
         return loss
 
 
@@ -173,9 +202,9 @@ class ImageSet:
 class AlignData:
     """Everything a contrastive stage trains and validates on, the frozen encoders' outputs included.
 
-    `text[a:b]` for `(a, b) = spans[i]` are image i's caption embeddings; `label_idx[i]` indexes
-    `label_emb` (-1: no label); `splits[i]` is its split. `val_*` describe the validation images (`val` None:
-    no validation).
+    `text[a:b]` for `(a, b) = spans[i]` are image i's caption embeddings (`captions[a:b]` the captions);
+    `label_idx[i]` indexes `label_emb` (-1: no label; `label_prompts`: each label's `LABEL_PROMPTS` in a row);
+    `splits[i]` is its split. `val_*` describe the validation images (`val` None: no validation).
     """
 
     train: ImageSet
@@ -184,12 +213,16 @@ class AlignData:
     label_idx: np.ndarray | None
     label_emb: np.ndarray | None
     splits: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    label_prompts: list[str] = field(default_factory=list)
     val: ImageSet | None = None
+    val_texts: list[str] = field(default_factory=list)
     val_captions: np.ndarray | None = None
     val_caption_image: list[int] = field(default_factory=list)
     val_labels: list[str | None] = field(default_factory=list)
     val_label_names: list[str] = field(default_factory=list)
     val_label_emb: np.ndarray | None = None
+    val_label_prompts: list[str] = field(default_factory=list)
 
 
 def decode_images(paths: list[Path], size: int, progress: bool = True) -> np.ndarray:
@@ -231,13 +264,14 @@ def load_align_data(recipe: Recipe, cfg: AlignConfig, tower: GeoHybridVisionMode
         train=images([[(ann.parent / train_rows[i]["image"]).resolve() for i in picked if group_of[i] == g]
                       for g in range(len(groups))]),
         text=text_all, spans=[(int(starts[i]), int(starts[i + 1])) for i in picked], label_idx=None, label_emb=None,
-        splits=[str(train_rows[i].get("split")) for i in picked],
+        splits=[str(train_rows[i].get("split")) for i in picked], captions=[c for r in train_rows for c in r["captions"]],
     )
     label_names = sorted({str(r["label"]) for r in train_rows if r.get("label")})
     if cfg.label_weight:
         if len(label_names) < 2:
             raise GeoChatError(f"{ann}: label_weight needs at least 2 labels in split {cfg.split!r}")
         data.label_emb = label_embeddings(text_encoder, label_names)
+        data.label_prompts = label_prompts(label_names)
         index = {name: k for k, name in enumerate(label_names)}
         data.label_idx = np.array([index.get(str(train_rows[i].get("label")), -1) for i in picked])
 
@@ -245,12 +279,14 @@ def load_align_data(recipe: Recipe, cfg: AlignConfig, tower: GeoHybridVisionMode
     if val_rows:
         val_rows = [val_rows[i] for i in subset(len(val_rows), cfg.val_max, seed)]
         data.val = images([[(ann.parent / r["image"]).resolve() for r in val_rows]])
-        data.val_captions = text_encoder.encode([c for r in val_rows for c in r["captions"]])
+        data.val_texts = [c for r in val_rows for c in r["captions"]]
+        data.val_captions = text_encoder.encode(data.val_texts)
         data.val_caption_image = [i for i, r in enumerate(val_rows) for _ in r["captions"]]
         data.val_labels = [r.get("label") for r in val_rows]
         data.val_label_names = sorted({r["label"] for r in val_rows if r.get("label")})
         if len(data.val_label_names) > 1:
             data.val_label_emb = label_embeddings(text_encoder, data.val_label_names)
+            data.val_label_prompts = label_prompts(data.val_label_names)
     return data
 
 
@@ -306,9 +342,14 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
         tower.stem.requires_grad_(False)
 
     def new_head() -> TextHead | None:
-        return TextHead(tower.config.projection_dim) if isinstance(cfg, RetrievalConfig) and cfg.text_head else None
+        if not (isinstance(cfg, RetrievalConfig) and cfg.text_head):
+            return None
+        return TextHead(tower.config.projection_dim, cfg.text_layers, cfg.text_rank)
 
     model = AlignModel(tower, cfg.temperature, new_head())
+    if model.reads_text and not data.captions:
+        raise GeoChatError("text_layers trains MiniLM on the captions themselves, and this data holds only their "
+                           "embeddings (a pack): train with text_layers: 0, or from the annotations")
     trainer = Trainer(stage, model, cfg.optim, recipe.run, directory, accelerator,
                       lr_scales={"tower.stem.": cfg.stem_lr_scale})
     if resume:
@@ -322,7 +363,9 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
     # training from pixels: the decoded images on the GPU once, if there is one (augmenting there is cheap)
     on_device = torch.from_numpy(np.ascontiguousarray(train.arrays[0])).to(device) if pixels else None
     text_all = torch.from_numpy(np.asarray(data.text, dtype=np.float32)).to(device)
-    label_emb = torch.from_numpy(data.label_emb).to(device) if data.label_emb is not None else None
+    label_emb: torch.Tensor | list[str] | None = None
+    if data.label_emb is not None:
+        label_emb = data.label_prompts if model.reads_text else torch.from_numpy(data.label_emb).to(device)
 
     def loss_fn(micro_step: int) -> torch.Tensor:
         from geochat.train.loop import batch_indices
@@ -344,8 +387,8 @@ def run_align(recipe: Recipe, cfg: AlignConfig, directory: Path, accelerator: ob
                                                 for i, v in zip(idx, view, strict=True)])).to(device)
         labels = torch.from_numpy(data.label_idx[idx]).to(device) if data.label_idx is not None else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.run.autocast == "bf16"):
-            return trainer.module(inputs, text_all[torch.tensor(cap, device=device)], labels, label_emb,
-                                  cfg.label_weight, owner)
+            text = [data.captions[c] for c in cap] if model.reads_text else text_all[torch.tensor(cap, device=device)]
+            return trainer.module(inputs, text, labels, label_emb, cfg.label_weight, owner)
 
     eval_fn = _val_fn(model, data, device, mean, std) if data.val is not None else None
     trainer.fit(loss_fn, eval_fn, progress, stop_after)
@@ -395,7 +438,7 @@ def build_query_bank(model: AlignModel, data: AlignData, device: torch.device, m
     """The `QueryBank` of a trained tower: its training images' embeddings (those of `split`, if given), keyed by
     their caption centroids (in the search space: through the model's text head, if any)."""
     rows = [i for i, name in enumerate(data.splits) if split is None or name == split]
-    text = torch.from_numpy(model.embed_text_array(data.text, device))
+    text = torch.from_numpy(model.embed_text_array(data.captions if model.reads_text else data.text, device))
     keys = F.normalize(torch.stack([text[slice(*data.spans[i])].mean(0) for i in rows]), dim=-1)
     images = data.train if len(rows) == len(data.train) else ImageSet([a[rows] for a in data.train.arrays],
                                                                        data.train.turns)
@@ -405,14 +448,16 @@ def build_query_bank(model: AlignModel, data: AlignData, device: torch.device, m
 def _val_fn(model: AlignModel, data: AlignData, device: torch.device, mean: tuple,
             std: tuple) -> Callable[[], dict[str, float]]:
     assert data.val is not None and data.val_captions is not None
-    val, captions = data.val, data.val_captions
+    val = data.val
+    captions = data.val_texts if model.reads_text else data.val_captions
+    label_emb = data.val_label_prompts if model.reads_text else data.val_label_emb
 
     def eval_fn() -> dict[str, float]:
         z = embed_image_set(model, val, device, mean, std)
         recalls = retrieval_recalls(z, model.embed_text_array(captions, device), data.val_caption_image)
         out = {k: v for k, v in recalls.items() if k in ("t2i_R@1", "t2i_R@10")}
-        if data.val_label_emb is not None:
-            pred = (z @ model.embed_text_array(data.val_label_emb, device).T).argmax(1)
+        if label_emb is not None and data.val_label_emb is not None:
+            pred = (z @ model.embed_text_array(label_emb, device, labels=True).T).argmax(1)
             names = data.val_label_names
             out["zero_shot_acc"] = float(np.mean([names[p] == label for p, label in zip(pred, data.val_labels, strict=True)]))
         return out

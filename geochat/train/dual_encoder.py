@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,13 +51,12 @@ LABEL_PROMPTS = (
 class TextEncoder:
     """Frozen sentence-transformers encoder (MiniLM by default): texts → (n, D) unit vectors."""
 
-    def __init__(self, directory: Path | None = None) -> None:
-        from sentence_transformers import SentenceTransformer
-
+    def __init__(self, directory: Path | None = None, model: Any = None) -> None:
+        """`model`: an already loaded SentenceTransformer of `directory` (e.g. `TextHead.minilm`, adapted)."""
         from geochat.model.weights import minilm_dir
 
         self.directory = directory or minilm_dir()
-        self.model = SentenceTransformer(str(self.directory), device="cpu")
+        self.model: Any = model if model is not None else load_sentence_model(self.directory)
 
     @property
     def dim(self) -> int:
@@ -71,6 +71,12 @@ class TextEncoder:
             show_progress_bar=progress,
         )
         return np.asarray(emb, dtype=np.float32)
+
+
+def load_sentence_model(directory: Path) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(directory), device="cpu")
 
 
 ROTATIONS = 4
@@ -154,28 +160,88 @@ class TextHead(nn.Module):
     """The search space's own text side: t → normalise(t + W·t + b) on MiniLM's unit vectors. W and b start
     at zero (an untrained head is the identity) and train with the tower (`text_head: true`), so captions
     and label prompts can move toward what the image side can see. MiniLM itself stays frozen and shared
-    with documentation retrieval, which never goes through the head."""
+    with documentation retrieval, which never goes through the head.
 
-    def __init__(self, dim: int) -> None:
+    With `layers` (`text_layers: N`), t itself comes from the head's own copy of MiniLM (`minilm`) whose top
+    N transformer layers carry LoRA adapters of rank `rank` (zero at the start, so again the identity), trained
+    with the tower; documentation retrieval keeps the shared, untouched MiniLM."""
+
+    def __init__(self, dim: int, layers: int = 0, rank: int = 8) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
+        self.layers, self.rank = layers, rank
+        self.minilm: Any = self._adapted_minilm(layers, rank) if layers else None
+
+    @staticmethod
+    def _adapted_minilm(layers: int, rank: int) -> Any:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from geochat.model.weights import minilm_dir
+
+        model = load_sentence_model(minilm_dir())
+        bert = model[0].auto_model
+        total = bert.config.num_hidden_layers
+        if not 0 < layers <= total:
+            raise ValueError(f"text_layers must be 1..{total} (MiniLM's layers), got {layers}")
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_MODULES),
+                            layers_to_transform=list(range(total - layers, total)), layers_pattern="layer")
+        inject_adapter_in_model(config, bert)
+        for name, param in bert.named_parameters():
+            param.requires_grad_("lora_" in name)
+            if "lora_A" in name:  # std 1/sqrt(fan-in): the scale the recipe's learning rate was chosen with
+                nn.init.normal_(param, std=param.shape[1] ** -0.5)
+        model.eval()
+        return model
+
+    def train(self, mode: bool = True) -> TextHead:
+        """Dropout only where the adapters are: MiniLM's frozen lower layers stay as in use."""
+        super().train(mode)
+        if self.minilm is not None:
+            self.minilm.eval()
+            bert = self.minilm[0].auto_model
+            for layer in bert.encoder.layer[bert.config.num_hidden_layers - self.layers:]:
+                layer.train(mode)
+        return self
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         return F.normalize(text + self.proj(text.to(self.proj.weight.dtype)), dim=-1)
+
+    def encode(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts → (n, D) unit vectors from the adapted MiniLM (before `forward`), with gradients."""
+        assert self.minilm is not None, "a head without text_layers works on MiniLM's vectors"
+        device = self.proj.weight.device
+        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                    for k, v in self.minilm.preprocess(list(texts)).items()}
+        return F.normalize(self.minilm(features)["sentence_embedding"].float(), dim=-1)
+
+    def encoder(self) -> TextEncoder:
+        """The adapted MiniLM as a `TextEncoder` (captions, label prompts and queries in inference)."""
+        from geochat.model.weights import minilm_dir
+
+        assert self.minilm is not None
+        return TextEncoder(minilm_dir(), model=self.minilm)
 
     @torch.no_grad()
     def transform(self, text: np.ndarray) -> np.ndarray:
         """(n, D) unit vectors → (n, D) unit vectors in the search space."""
         return self(torch.tensor(np.asarray(text), dtype=torch.float32)).numpy()
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """What a head file holds: the linear map, and the adapters (MiniLM itself ships in its package)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if k.startswith("proj.") or "lora_" in k}
+
+
+LORA_MODULES = ("query", "key", "value", "dense")  # every linear map of a BERT layer (attention, output, MLP)
+
 
 def save_text_head(head: TextHead, directory: Path) -> Path:
     """Write `head` beside the tower saved in `directory`, stamped with that tower's fingerprint."""
     path = directory / TEXT_HEAD
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(path),
-              metadata={"tower": tower_fingerprint(directory)})
+    save_file(head.saved_state(), str(path), metadata={"tower": tower_fingerprint(directory),
+                                                       "layers": str(head.layers), "rank": str(head.rank)})
     return path
 
 
@@ -191,8 +257,11 @@ def load_text_head(directory: Path) -> TextHead | None:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k).float() for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        head = TextHead(state["proj.weight"].shape[1])
-        head.load_state_dict(state)
+        head = TextHead(state["proj.weight"].shape[1], int(meta.get("layers", 0)), int(meta.get("rank", 8)))
+        expected = head.saved_state()
+        if set(state) != set(expected) or any(state[k].shape != v.shape for k, v in expected.items()):
+            raise KeyError(f"tensors {sorted(set(state) ^ set(expected))[:4] or 'of other shapes'}")
+        head.load_state_dict(state, strict=False)
     except (KeyError, RuntimeError, OSError, SafetensorError) as exc:
         raise ModelLoadError(f"{path} is not a text head ({exc}): retrain the retrieval stage") from exc
     if meta.get("tower") and meta["tower"] != tower_fingerprint(directory):
@@ -365,6 +434,8 @@ class DualEncoder:
         self.rotations = rotations
         self.bank = bank
         self.text_head = text_head
+        # the encoder of search texts: MiniLM, or the head's adapted copy of it (`text_layers`)
+        self.search_text = text_head.encoder() if text_head is not None and text_head.minilm is not None else text
 
     def embed_images(self, rgbs: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """(h, w, 3) uint8 images → (n, D) unit vectors (`tower_embedding`: mean over rotations)."""
@@ -376,7 +447,7 @@ class DualEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.text.dim), np.float32)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return search_queries(self.text.encode(texts), self.text_head)
+        return search_queries(self.search_text.encode(texts), self.text_head)
 
     def image_offsets(self, images: np.ndarray) -> np.ndarray | None:
         """(n, D) image embeddings → (n,) offsets to subtract from text-query scores (the bank's hubness
@@ -385,14 +456,18 @@ class DualEncoder:
 
     def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
         """Search queries: `embed_texts`, expanded through the query bank when there is one."""
-        return search_queries(self.text.encode(texts), self.text_head, self.bank)
+        return search_queries(self.search_text.encode(texts), self.text_head, self.bank)
 
     def embed_labels(self, labels: Sequence[str]) -> np.ndarray:
-        return search_queries(label_embeddings(self.text, labels), self.text_head)
+        return search_queries(label_embeddings(self.search_text, labels), self.text_head)
+
+
+def label_prompts(labels: Sequence[str]) -> list[str]:
+    """Each label's `LABEL_PROMPTS`, in a row (what `label_embeddings` averages)."""
+    return [p.format(label_text(label)) for label in labels for p in LABEL_PROMPTS]
 
 
 def label_embeddings(text: TextEncoder, labels: Sequence[str]) -> np.ndarray:
     """(L, D) unit vectors: the mean embedding of each label's prompts, renormalised."""
-    prompts = [p.format(label_text(label)) for label in labels for p in LABEL_PROMPTS]
-    emb = text.encode(prompts).reshape(len(labels), len(LABEL_PROMPTS), -1).mean(1)
+    emb = text.encode(label_prompts(labels)).reshape(len(labels), len(LABEL_PROMPTS), -1).mean(1)
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)

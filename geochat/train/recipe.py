@@ -132,10 +132,16 @@ class RetrievalConfig(AlignConfig):
     query_bank: bool = False          # also write retrieval/query_bank.safetensors (search-query expansion)
     bank_split: str | None = None     # the bank's images: this one training split (None: all of `split`)
     text_head: bool = False           # also train a residual linear map on the text side (text_head.safetensors)
+    text_layers: int = 0              # with text_head: LoRA on MiniLM's top N layers too (the head's own copy)
+    text_rank: int = 8                # their LoRA rank
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_tower_keys(self.vision, "retrieval.vision")
+        if self.text_layers and not self.text_head:
+            raise ValueError("text_layers adapts the text head's MiniLM: set text_head: true too")
+        if self.text_layers < 0 or self.text_rank < 1:
+            raise ValueError(f"text_layers must be >= 0 and text_rank >= 1 (got {self.text_layers}, {self.text_rank})")
         if self.bank_split is not None and self.bank_split not in self.split.split("+"):
             raise ValueError(f"bank_split {self.bank_split!r} is not one of the training splits ({self.split!r})")
 
