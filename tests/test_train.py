@@ -64,6 +64,16 @@ def _recipe(tmp: Path, data: Path, llm: Path, stages: dict, run: dict | None = N
     return path
 
 
+def _search_recipe(tmp: Path, data: Path, llm: Path, retrieval: dict) -> Path:
+    """A recipe of the retrieval stage alone, on a tower with the shipped EfficientNet stem."""
+    path = _recipe(tmp, data, llm, {"retrieval": retrieval})
+    recipe = yaml.safe_load(path.read_text())
+    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"}
+    recipe["model"]["vision"] = vision | {"stem": "efficientnet-lite0"}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 def _align(data: Path, steps: int = 6, **extra: object) -> dict:
     return {"align": {"annotations": str(data / "ann.jsonl"), "max_images": 5, "val_max": 2,
                       "optim": {"lr": 1e-2, "batch_size": 4, "max_steps": steps}, **extra}}
@@ -450,13 +460,9 @@ def test_retrieval_stage_from_pixels_trains_every_block_and_packs(tmp_path: Path
     from geochat.model.weights import efficientnet_lite0_safetensors
     from geochat.train.pack import read_pack, train_from_pack, write_pack
 
-    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
     retrieval = {**_align(data, steps=2)["align"], "rotations": 4, "stem_lr_scale": 0.5,
                  "vision": {"trainable_stem_blocks": 16}}
-    path = _recipe(tmp_path, data, tiny_llm_dir, {"retrieval": retrieval})
-    recipe = yaml.safe_load(path.read_text())
-    recipe["model"]["vision"] = vision
-    path.write_text(yaml.safe_dump(recipe))
+    path = _search_recipe(tmp_path, data, tiny_llm_dir, retrieval)
     with caplog.at_level("WARNING", logger="geochat.train.align"):
         final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
     assert "from pixels on the CPU" in caplog.text  # hours on a CPU: the user is told
@@ -784,14 +790,10 @@ def test_retrieval_stage_with_a_text_head_searches_and_labels_through_it(tmp_pat
     from geochat.train.dual_encoder import TEXT_HEAD, DualEncoder, QueryBank, load_text_head
     from geochat.train.query_bank import write_query_bank
 
-    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
     retrieval = {**_align(data, steps=3)["align"], "rotations": 1, "query_bank": True, "text_head": True,
                  "vision": {"trainable_stem_blocks": 1}}
     retrieval["optim"] = {**retrieval["optim"], "lr": 0.05}
-    path = _recipe(tmp_path, data, tiny_llm_dir, {"retrieval": retrieval})
-    recipe = yaml.safe_load(path.read_text())
-    recipe["model"]["vision"] = vision
-    path.write_text(yaml.safe_dump(recipe))
+    path = _search_recipe(tmp_path, data, tiny_llm_dir, retrieval)
     final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
 
     assert (final / "retrieval" / TEXT_HEAD).is_file()  # the assembled assistant carries it beside its tower
@@ -828,13 +830,9 @@ def test_retrieval_stage_trains_on_two_splits_and_banks_one(tmp_path: Path, data
     from geochat.train.align import build_tower, load_align_data
     from geochat.train.dual_encoder import TextEncoder
 
-    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
     retrieval = {**_align(data, steps=2)["align"], "max_images": None, "split": "train+val", "val_split": None,
                  "rotations": 2, "query_bank": True, "bank_split": "train", "vision": {"trainable_stem_blocks": 1}}
-    path = _recipe(tmp_path, data, tiny_llm_dir, {"retrieval": retrieval})
-    recipe = yaml.safe_load(path.read_text())
-    recipe["model"]["vision"] = vision
-    path.write_text(yaml.safe_dump(recipe))
+    path = _search_recipe(tmp_path, data, tiny_llm_dir, retrieval)
     loaded = load_recipe(path)
     assert loaded.retrieval is not None
     tower = build_tower(loaded, loaded.retrieval.vision)
@@ -872,14 +870,10 @@ def test_retrieval_stage_with_text_layers_adapts_minilm_for_search_alone(tmp_pat
     from geochat.train.dual_encoder import TEXT_HEAD, QueryBank, TextEncoder, label_embeddings, load_text_head
     from geochat.train.query_bank import write_query_bank
 
-    vision = {k: v for k, v in VISION.items() if k != "conv_stem_channels"} | {"stem": "efficientnet-lite0"}
     retrieval = {**_align(data, steps=3)["align"], "rotations": 1, "query_bank": True, "text_head": True,
                  "text_layers": 1, "text_rank": 4, "vision": {"trainable_stem_blocks": 1}}
     retrieval["optim"] = {**retrieval["optim"], "lr": 0.05}
-    path = _recipe(tmp_path, data, tiny_llm_dir, {"retrieval": retrieval})
-    recipe = yaml.safe_load(path.read_text())
-    recipe["model"]["vision"] = vision
-    path.write_text(yaml.safe_dump(recipe))
+    path = _search_recipe(tmp_path, data, tiny_llm_dir, retrieval)
     final = run_recipe(load_recipe(path), progress=False, use_accelerate=False)
 
     saved = load_file(str(final / "retrieval" / TEXT_HEAD))
