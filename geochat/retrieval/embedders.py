@@ -149,15 +149,15 @@ class TowerEmbedder:
     def embed_text(self, text: str) -> np.ndarray:
         from geochat.train.dual_encoder import search_queries
 
-        head = self.text_head
-        if head is not None and head.minilm is not None:  # the head's own adapted MiniLM (`text_layers`)
-            return search_queries(self._search_text.encode([text]), head, self.bank)[0]
-        return search_queries(self._text.embed_query(text)[None], head, self.bank)[0]
+        own = self._search_text
+        emb = own.encode([text]) if own is not None else self._text.embed_query(text)[None]
+        return search_queries(emb, self.text_head, self.bank)[0]
 
     @cached_property
     def _search_text(self) -> Any:
-        assert self.text_head is not None
-        return self.text_head.encoder()
+        from geochat.train.dual_encoder import search_encoder
+
+        return search_encoder(self.text_head)
 
     @property
     def text_offsets(self) -> Callable[[np.ndarray], np.ndarray] | None:

@@ -406,6 +406,12 @@ def load_query_bank(directory: Path) -> QueryBank | None:
     return bank
 
 
+def search_encoder(text_head: TextHead | None) -> TextEncoder | None:
+    """The encoder of search texts where the head brings its own (its adapted MiniLM, `text_layers`); None: the
+    texts are MiniLM's shared vectors."""
+    return text_head.encoder() if text_head is not None and text_head.minilm is not None else None
+
+
 def search_queries(emb: np.ndarray, text_head: TextHead | None, bank: QueryBank | None = None) -> np.ndarray:
     """MiniLM's (n, D) unit vectors → the search space's: through the text head, then (search queries only)
     expanded through the query bank; each step only where the tower has one."""
@@ -434,8 +440,7 @@ class DualEncoder:
         self.rotations = rotations
         self.bank = bank
         self.text_head = text_head
-        # the encoder of search texts: MiniLM, or the head's adapted copy of it (`text_layers`)
-        self.search_text = text_head.encoder() if text_head is not None and text_head.minilm is not None else text
+        self.search_text = search_encoder(text_head) or text
 
     def embed_images(self, rgbs: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
         """(h, w, 3) uint8 images → (n, D) unit vectors (`tower_embedding`: mean over rotations)."""
